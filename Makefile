@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine with python3.11 + pip:
+#   make demo   - create .venv if missing, install, run the end-to-end demo on embedded defaults
+#   make test   - create .venv if missing, install, run the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench bench-quick install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m launch.demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks $(ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick $(ARGS)
+
+clean:
+	rm -rf runs demo_out .pytest_cache

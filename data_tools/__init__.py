@@ -1,0 +1,1 @@
+"""Offline data tools: synthetic data, shard building, verification, inspection."""

@@ -1,0 +1,1 @@
+"""Pretraining library: models, data, engine, checkpoints, trainer."""

@@ -1,0 +1,1 @@
+"""Shard format, sample order, streaming loaders, decoding and transforms."""

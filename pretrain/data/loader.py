@@ -1,0 +1,248 @@
+"""Streaming train/eval loaders over shard sets, with exact mid-epoch resume.
+
+``TrainLoader`` wraps a ``torch.utils.data.DataLoader`` whose workers are the reader streams of
+:mod:`pretrain.data.order`. Each worker yields whole micro-batches tagged with its stream id and
+cursor; the wrapper records the cursor of every batch it hands to the trainer, so
+``state_dict()`` describes exactly what training consumed (prefetched batches are not counted).
+
+Augmentation randomness is seeded from each sample's global stream position, so a sample gets the
+same crop/flip/RandAugment whichever rank or worker reads it, and resume reproduces it bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pretrain.config import DataConfig, StorageConfig
+from pretrain.data.decode import decode_rgb
+from pretrain.data.order import LoaderState, Plan, SampleOrder, Topology, derive_seed
+from pretrain.data.reader import (SKIP_BAD_LABEL, SKIP_DECODE_ERROR, SKIP_MISSING_IMAGE, RawSample,
+                                  ShardReader, Skipped)
+from pretrain.data.shards import Manifest
+from pretrain.data.transforms import build_eval_transform, build_train_transform
+
+log = logging.getLogger(__name__)
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, restore: bool) -> Iterator[None]:
+    """Seed python/numpy/torch RNGs for one sample; restore them when running in the trainer."""
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+def _decode_sample(raw: RawSample | Skipped, num_classes: int, transform: Callable,
+                   seed: int | None, in_worker: bool) -> tuple[torch.Tensor, int] | Skipped:
+    if isinstance(raw, Skipped):
+        return raw
+    image_field = next((f for f in IMAGE_FIELDS if f in raw.fields), None)
+    if image_field is None:
+        return Skipped(SKIP_MISSING_IMAGE)
+    try:
+        label = int(raw.fields["cls"].decode().strip())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return Skipped(SKIP_BAD_LABEL)
+    if not 0 <= label < num_classes:
+        return Skipped(SKIP_BAD_LABEL)
+    try:
+        image = decode_rgb(raw.fields[image_field])
+    except Exception:  # any decoder failure is a corrupt sample, counted and skipped
+        return Skipped(SKIP_DECODE_ERROR)
+    if seed is None:
+        return transform(image), label
+    with _seeded(seed, restore=not in_worker):
+        return transform(image), label
+
+
+class _TrainStreams(IterableDataset):
+    """One infinite stream of micro-batches per DataLoader worker (or one if num_workers == 0)."""
+
+    def __init__(self, reader: ShardReader, order: SampleOrder, state: LoaderState, rank: int,
+                 micro_batch: int, transform: Callable, num_classes: int):
+        self.reader, self.order, self.state, self.rank = reader, order, state, rank
+        self.micro_batch, self.transform, self.num_classes = micro_batch, transform, num_classes
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        local = info.id if info is not None else 0
+        topo, plan, seed = self.state.topology, self.state.plan, self.state.seed
+        stream = topo.stream_id(self.rank, local)
+        cursor = self.state.cursors[stream]
+        window_k, skip = divmod(cursor, topo.window)
+        images, labels, keys = [], [], []
+        skipped: Counter = Counter()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+            pending = pool.submit(self._fetch, plan, stream, window_k, skip)
+            while True:
+                order, raws = pending.result()
+                pending = pool.submit(self._fetch, plan, stream, window_k + 1, 0)
+                for i in range(skip, len(order)):
+                    position = int(order[i])
+                    result = _decode_sample(raws[position], self.num_classes, self.transform,
+                                            derive_seed(seed, "augment", position), info is not None)
+                    cursor = window_k * topo.window + i + 1
+                    if isinstance(result, Skipped):
+                        skipped[result.reason] += 1
+                        continue
+                    images.append(result[0])
+                    labels.append(result[1])
+                    keys.append(raws[position].key)  # type: ignore[union-attr]
+                    if len(images) == self.micro_batch:
+                        yield {"image": torch.stack(images), "label": torch.tensor(labels), "keys": keys,
+                               "stream": stream, "cursor": cursor, "skipped": dict(skipped)}
+                        images, labels, keys, skipped = [], [], [], Counter()
+                window_k, skip = window_k + 1, 0
+
+    def _fetch(self, plan: Plan, stream: int, k: int, skip: int) -> tuple[np.ndarray, dict]:
+        """Emission order of the stream's k-th window and the raw samples from `skip` on."""
+        topo = self.state.topology
+        order = plan.window_order(plan.stream_window(stream, k, topo), topo, self.state.seed)
+        needed = order[skip:]
+        shards, samples = self.order.locate(needed)
+        raws: dict[int, RawSample | Skipped] = {}
+        for shard in np.unique(shards):
+            mask = shards == shard
+            got = self.reader.read(int(shard), samples[mask])
+            for position, sample in zip(needed[mask], samples[mask]):
+                raws[int(position)] = got[int(sample)]
+        return order, raws
+
+
+class TrainLoader:
+    """Infinite, resumable stream of training micro-batches for one rank."""
+
+    def __init__(self, url: str, manifest: Manifest, cfg: DataConfig, storage_cfg: StorageConfig | None,
+                 rank: int, world_size: int, seed: int, num_classes: int, pin_memory: bool = False):
+        self.cfg, self.rank, self.pin_memory = cfg, rank, pin_memory
+        self.reader = ShardReader(url, manifest, storage_cfg, retries=cfg.read_retries)
+        self.order = SampleOrder([s.num_samples for s in manifest.shards], seed)
+        self.topology = Topology(world_size, max(cfg.num_workers, 1), cfg.shuffle_window)
+        self.state = LoaderState(seed, manifest.num_samples, self.topology, Plan(), [0] * self.topology.num_streams)
+        self.num_classes = num_classes
+        self.transform = build_train_transform(cfg)
+
+    @property
+    def num_samples(self) -> int:
+        return self.state.num_samples
+
+    def epoch(self) -> float:
+        """Fractional epochs consumed by all ranks together (as of the last checkpointable point)."""
+        return self.state.consumed() / self.state.num_samples
+
+    def __iter__(self) -> Iterator[dict]:
+        dataset = _TrainStreams(self.reader, self.order, self.state, self.rank, self.cfg.micro_batch_size,
+                                self.transform, self.num_classes)
+        workers = self.cfg.num_workers
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        for batch in loader:
+            self.state.cursors[batch["stream"]] = batch["cursor"]
+            yield batch
+
+    def state_dict(self) -> dict:
+        """This rank's view; :func:`merge_rank_states` combines all ranks' into the global state."""
+        return self.state.to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a global state; re-plans the rest of the epoch if the topology changed."""
+        saved = LoaderState.from_dict(state)
+        self.state = saved.resumed_on(self.topology, self.state.seed, self.state.num_samples)
+
+
+def merge_rank_states(states: list[dict]) -> dict:
+    """Global loader state from every rank's ``state_dict()`` (each rank owns its streams' cursors)."""
+    merged = dict(states[0])
+    per_rank = states[0]["topology"]["streams_per_rank"]
+    cursors = list(states[0]["cursors"])
+    for rank, state in enumerate(states):
+        cursors[rank * per_rank:(rank + 1) * per_rank] = state["cursors"][rank * per_rank:(rank + 1) * per_rank]
+    merged["cursors"] = cursors
+    return merged
+
+
+class _EvalStreams(IterableDataset):
+    """Natural-order reading of a contiguous block of the eval set, split over DataLoader workers."""
+
+    def __init__(self, reader: ShardReader, manifest: Manifest, block: tuple[int, int], batch_size: int,
+                 transform: Callable, num_classes: int, window: int):
+        self.reader, self.block, self.batch_size = reader, block, batch_size
+        self.transform, self.num_classes, self.window = transform, num_classes, window
+        counts = np.array([s.num_samples for s in manifest.shards])
+        self.cum = np.concatenate([[0], np.cumsum(counts)])
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        lo, hi = self.block
+        bounds = np.linspace(lo, hi, nw + 1).astype(np.int64)
+        start, stop = int(bounds[wid]), int(bounds[wid + 1])
+        for chunk_start in range(start, stop, self.window):
+            positions = np.arange(chunk_start, min(chunk_start + self.window, stop))
+            shards = np.searchsorted(self.cum, positions, side="right") - 1
+            raws: dict[int, RawSample | Skipped] = {}
+            for shard in np.unique(shards):
+                local = positions[shards == shard] - self.cum[shard]
+                got = self.reader.read(int(shard), local)
+                raws.update({int(self.cum[shard] + s): got[int(s)] for s in local})
+            for batch_start in range(0, len(positions), self.batch_size):
+                images, labels = [], []
+                for position in positions[batch_start:batch_start + self.batch_size]:
+                    result = _decode_sample(raws[int(position)], self.num_classes, self.transform, None, True)
+                    if not isinstance(result, Skipped):
+                        images.append(result[0])
+                        labels.append(result[1])
+                if images:
+                    yield {"image": torch.stack(images), "label": torch.tensor(labels)}
+
+
+class EvalLoader:
+    """Held-out evaluation: every rank yields the same number of batches (padding with empty ones),
+    because under ZeRO-3 every forward pass is a collective."""
+
+    def __init__(self, url: str, manifest: Manifest, cfg: DataConfig, storage_cfg: StorageConfig | None,
+                 rank: int, world_size: int, batch_size: int, num_classes: int, max_samples: int = 0):
+        total = manifest.num_samples if max_samples <= 0 else min(max_samples, manifest.num_samples)
+        bounds = np.linspace(0, total, world_size + 1).astype(np.int64)
+        self.block = (int(bounds[rank]), int(bounds[rank + 1]))
+        self.num_samples = total
+        largest = int(np.max(np.diff(bounds)))
+        workers = max(cfg.num_workers, 1)
+        # Upper bound on batches any rank yields: each worker's share may end in a partial batch.
+        self.num_batches = math.ceil(largest / batch_size) + workers
+        self.dataset = _EvalStreams(ShardReader(url, manifest, storage_cfg, retries=cfg.read_retries), manifest,
+                                    self.block, batch_size, build_eval_transform(cfg), num_classes,
+                                    window=max(batch_size, cfg.shuffle_window))
+        self.cfg = cfg
+        self.image_shape = (3, cfg.image_size, cfg.image_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        workers = self.cfg.num_workers
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        for _ in range(self.num_batches - count):
+            yield {"image": torch.zeros((0, *self.image_shape)), "label": torch.zeros(0, dtype=torch.long)}

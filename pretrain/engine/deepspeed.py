@@ -1,0 +1,213 @@
+"""The only module that talks to DeepSpeed: config generation, engine creation, ZeRO partitions.
+
+Checkpoints and the EMA work on **fragments**: the slice ``[start, start + numel)`` of a flattened
+parameter whose fp32 master copy (and Adam moments) this rank owns under ZeRO 1, 2 or 3. Fragments
+are addressed by parameter name and flat offset, not by rank, so a checkpoint written by N ranks
+at one stage can be loaded by M ranks at another stage (elastic resume) without DeepSpeed's offline
+universal-checkpoint conversion, and an EMA kept per fragment is sharded exactly like the master
+weights (DeepSpeed has no EMA of its own, issue #2056).
+
+DeepSpeed exposes per-fragment access only partly (``safe_get_local_fp32_param`` is ZeRO-3 only and
+optimizer-state fragments are linked lazily), so the mapping below reads the optimizer's partition
+bookkeeping directly; it is pinned to deepspeed 0.19.x and covered by the engine tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pretrain.config import PrecisionConfig, ZeroConfig
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def deepspeed_config(precision: PrecisionConfig, zero: ZeroConfig, grad_clip: float, micro_batch: int,
+                     accum_steps: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON, generated from our config (never kept by hand)."""
+    zero_section: dict[str, Any] = {
+        "stage": zero.stage,
+        "overlap_comm": zero.overlap_comm,
+        "contiguous_gradients": zero.contiguous_gradients,
+        "reduce_bucket_size": zero.reduce_bucket_size,
+        "allgather_bucket_size": zero.allgather_bucket_size,
+    }
+    if zero.stage == 3:
+        zero_section.update(stage3_prefetch_bucket_size=zero.stage3_prefetch_bucket_size,
+                            stage3_param_persistence_threshold=zero.stage3_param_persistence_threshold)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum_steps,
+        "train_batch_size": micro_batch * accum_steps * world_size,
+        "zero_optimization": zero_section,
+        "bf16": {"enabled": precision.dtype == "bf16"},
+        "fp16": {"enabled": False},
+        "gradient_clipping": grad_clip,
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if precision.dtype == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0,
+                          "initial_scale_power": precision.fp16_initial_scale_power,
+                          "loss_scale_window": precision.fp16_loss_scale_window,
+                          "hysteresis": precision.fp16_hysteresis,
+                          "min_loss_scale": precision.fp16_min_loss_scale}
+    return config
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+    """A DeepSpeed engine around `model`; torch.distributed must already be initialized."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                           dist_init_required=False)
+    return engine
+
+
+def fused_adam_class():
+    from deepspeed.ops.adam import FusedAdam
+
+    return FusedAdam
+
+
+def lp_dtype(precision: PrecisionConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision.dtype]
+
+
+@dataclass
+class Fragment:
+    """This rank's slice of one parameter's fp32 master weights and Adam moments (views)."""
+
+    name: str
+    shape: tuple[int, ...]
+    start: int
+    numel: int
+    master: torch.Tensor
+    states: dict[str, torch.Tensor]
+    state_owner: torch.Tensor
+    """The flat fp32 partition the optimizer keys this fragment's state under."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}#{self.start}"
+
+
+def _is_stage3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
+def ensure_optimizer_state(engine, step: int = 0) -> None:
+    """Create Adam's state tensors if the optimizer has not stepped yet (torch initializes lazily)."""
+    zero_opt = engine.optimizer
+    inner = zero_opt.optimizer
+    flats = zero_opt.fp32_partitioned_groups_flat if _is_stage3(engine) else zero_opt.single_partition_of_fp32_groups
+    for flat in flats:
+        state = inner.state[flat]
+        if not state:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            for key in ADAM_STATES:
+                state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+
+
+def local_fragments(engine) -> list[Fragment]:
+    """Fragments owned by this rank, in a stable order (module parameter order)."""
+    ensure_optimizer_state(engine)
+    zero_opt = engine.optimizer
+    inner = zero_opt.optimizer
+    out: list[Fragment] = []
+    if _is_stage3(engine):
+        rank = torch.distributed.get_rank(group=zero_opt.dp_process_group)
+        for name, param in engine.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            group, offset, _ = zero_opt.grad_position[zero_opt.get_param_id(param)]
+            flat = zero_opt.fp32_partitioned_groups_flat[group]
+            part = param.ds_tensor.ds_numel
+            start = rank * part
+            numel = min(part, param.ds_numel - start)
+            if numel <= 0:
+                continue
+            states = {k: inner.state[flat][k].narrow(0, offset, numel) for k in ADAM_STATES}
+            out.append(Fragment(name, tuple(param.ds_shape), start, numel, flat.narrow(0, offset, numel),
+                                states, flat))
+        return out
+    for name, param in engine.module.named_parameters():
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            continue
+        flat = zero_opt.single_partition_of_fp32_groups[mapping.param_group_index]
+        hp = mapping.hp_fragment_address
+        states = {k: inner.state[flat][k].narrow(0, hp.start, hp.numel) for k in ADAM_STATES}
+        out.append(Fragment(name, tuple(param.shape), mapping.lp_fragment_address.start,
+                            mapping.lp_fragment_address.numel, mapping.hp_fragment, states, flat))
+    return out
+
+
+def optimizer_step_count(engine) -> int:
+    inner = engine.optimizer.optimizer
+    steps = [float(s["step"]) for s in inner.state.values() if "step" in s]
+    return int(max(steps)) if steps else 0
+
+
+def set_optimizer_step_count(engine, step: int) -> None:
+    for state in engine.optimizer.optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(float(step), dtype=state["step"].dtype, device=state["step"].device)
+
+
+@torch.no_grad()
+def refresh_lp_params(engine) -> None:
+    """Copy the fp32 masters into the low-precision model parameters (after writing masters)."""
+    zero_opt = engine.optimizer
+    if _is_stage3(engine):
+        for fp32, lp in zip(zero_opt.fp32_partitioned_groups_flat, zero_opt.fp16_partitioned_groups_flat):
+            lp.data.copy_(fp32.data)
+        return
+    zero_opt.update_lp_params()
+
+
+def loss_scaler_state(engine) -> dict[str, float]:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None or not hasattr(scaler, "cur_scale"):
+        return {}
+    return {k: float(getattr(scaler, k)) for k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+            if hasattr(scaler, k)}
+
+
+def load_loss_scaler_state(engine, state: dict[str, float]) -> None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None or not state:
+        return
+    for key, value in state.items():
+        if hasattr(scaler, key):
+            setattr(scaler, key, type(getattr(scaler, key))(value))
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def grad_norm(engine) -> float | None:
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return None
+    return float(value)
+
+
+def overflowed(engine) -> bool:
+    """fp16: whether the last step was skipped by the dynamic loss scaler."""
+    return bool(getattr(engine.optimizer, "overflow", False))
+
+
+def quiet_deepspeed_logging() -> None:
+    os.environ.setdefault("DEEPSPEED_LOG_LEVEL", "warning")
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)

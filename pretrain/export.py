@@ -1,0 +1,65 @@
+"""Consolidate a checkpoint (any ZeRO stage, any world size) into one timm-compatible safetensors file.
+
+    pretrain export RUN_URL OUT.safetensors [--ema] [--step N]
+
+Writes OUT.safetensors (fp32 tensors with timm's ConvNeXt key names) and OUT.json, a model card
+(variant, classes and label map, step, recipe, data manifest hash). timm loads it directly:
+``timm.create_model(variant, num_classes=C, pretrained=True, pretrained_cfg_overlay=dict(file=OUT))``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from safetensors.torch import save_file
+
+from pretrain.checkpoint import CheckpointError, CheckpointManager, consolidate
+from pretrain.config import CheckpointConfig, StorageConfig
+
+
+def export(run_url: str, out_path: str, ema: bool = False, step: int | None = None,
+           storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+    manager = CheckpointManager(run_url, CheckpointConfig(), storage_cfg, rank=0, world_size=1)
+    try:
+        steps = manager.committed_steps()
+        if not steps:
+            raise CheckpointError(f"no committed checkpoint under {manager.root}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"no committed checkpoint at step {step}; committed steps: {steps}")
+        manifest = manager.read_manifest(step)
+        world = manifest["world_size"]
+        tables = [manager.fetch_rank_meta(step, manifest, r)["fragments"] for r in range(world)]
+        kind = "ema" if ema else "master"
+        cache: dict[int, dict] = {}
+
+        def tensors_of(rank: int) -> dict:
+            if rank not in cache:
+                cache.clear()  # one rank file in memory at a time
+                cache[rank] = manager.fetch_tensors(step, manifest, rank)
+            return cache[rank]
+
+        if ema and not any(k.startswith("ema/") for k in tensors_of(0)):
+            raise CheckpointError(f"step {step} has no EMA (ema.enabled was false); export without --ema")
+        state = {name: t.contiguous() for name, t in consolidate(tables, tensors_of, kind).items()}
+        config = manifest["config"]
+        card = {"variant": config["model"]["name"], "num_classes": config["model"]["num_classes"],
+                "weights": "ema" if ema else "model", "step": step, "total_steps": manifest.get("total_steps"),
+                "epoch": manifest.get("epoch"), "classes": manifest.get("classes"),
+                "label_source": manifest.get("data", {}).get("label_source"),
+                "data_manifest_sha256": manifest.get("data", {}).get("manifest_sha256"),
+                "train_url": manifest.get("data", {}).get("train_url"), "metrics": manifest.get("metrics"),
+                "recipe": config, "source": manager.step_url(step),
+                "timm": f"timm.create_model('{config['model']['name']}', num_classes="
+                        f"{config['model']['num_classes']}, pretrained=True, "
+                        f"pretrained_cfg_overlay=dict(file='{out_path}'))"}
+        save_file(state, out_path, metadata={"format": "pt", "variant": card["variant"], "step": str(step),
+                                            "weights": card["weights"]})
+        card_path = out_path.rsplit(".", 1)[0] + ".json"
+        with open(card_path, "w") as f:
+            json.dump(card, f, indent=1)
+        return {"weights": out_path, "card": card_path, "step": step, "num_tensors": len(state)}
+    finally:
+        manager.close()

@@ -1,0 +1,92 @@
+"""The function every training process runs, whoever launched it (torchrun, DeepSpeed launcher, Ray).
+
+    torchrun --nproc_per_node 2 -m pretrain.worker --config configs/demo.toml --set data.train_url=...
+
+`train_worker` takes the resolved config as plain data, joins the process group, trains and returns
+a summary. SIGTERM (spot preemption, `kubectl delete`, Ray stopping a worker) asks for a checkpoint
+at the next step boundary followed by a clean exit; launchers can add their own stop source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable
+
+import torch
+
+from pretrain.config import config_from_dict, config_to_dict, load_config
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT or polled from a launcher hook; read once per step by the trainer."""
+
+    def __init__(self, extra: Callable[[], bool] | None = None):
+        self._event = threading.Event()
+        self._extra = extra
+
+    def set(self, *_: Any) -> None:
+        self._event.set()
+
+    def __call__(self) -> bool:
+        return self._event.is_set() or bool(self._extra and self._extra())
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.set)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("torch.distributed", "urllib3", "botocore", "aiobotocore", "s3fs", "fsspec", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train_worker(config: dict[str, Any], stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train with `config` (a resolved config dict) in this process; returns the run summary."""
+    from pretrain.engine.distributed import destroy, init_distributed
+    from pretrain.trainer import Trainer
+
+    cfg = config_from_dict(config)
+    setup_logging(int(os.environ.get("RANK", "0")))
+    created_group = not torch.distributed.is_initialized()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(cfg.launch.cpus_per_worker)))
+    ctx = init_distributed(cfg.launch.collective_timeout_s)
+    setup_logging(ctx.rank)
+    stop = StopFlag(stop_requested)
+    stop.install()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, ctx, stop)
+        return trainer.fit()
+    except RuntimeError as exc:
+        if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
+            raise RuntimeError(f"rank {ctx.rank}: a collective timed out after launch.collective_timeout_s="
+                               f"{cfg.launch.collective_timeout_s:.0f}s; another rank is hung or dead: {exc}") from exc
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if created_group:
+            destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    summary = train_worker(config_to_dict(load_config(args.config, args.set)))
+    return 0 if summary["status"] in ("finished", "already_finished") else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
