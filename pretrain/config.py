@@ -62,7 +62,7 @@ class ModelConfig:
     checkpoint_stages: tuple[int, ...] = ()
     """Stage indices (0-3) whose blocks recompute activations in backward to save memory."""
     channels_last: bool = True
-    """Run convolutions in channels_last memory format."""
+    """Feed inputs, and so all activations, in channels_last memory format (parameters stay contiguous)."""
     init_from: str = ""
     """Optional weights to start from (official {'model': ...} .pth, timm .pth or .safetensors)."""
 

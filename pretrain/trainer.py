@@ -85,8 +85,8 @@ class Trainer:
                              checkpoint_stages=m.checkpoint_stages)
         if m.init_from:
             load_weights(model, m.init_from)
-        if m.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        # Parameters stay contiguous: ZeRO flattens them into shared buffers. Inputs (and so every
+        # activation) are channels_last when model.channels_last is set.
         model = model.to(ctx.device)
         self.flops_per_image = flops_per_image(model, cfg.data.image_size)
         optimizer = build_optimizer(model, cfg.optim, on_cuda=ctx.device.type == "cuda")

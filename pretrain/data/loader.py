@@ -12,6 +12,7 @@ same crop/flip/RandAugment whichever rank or worker reads it, and resume reprodu
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import logging
 import math
 import random
@@ -34,6 +35,17 @@ from pretrain.data.transforms import build_eval_transform, build_train_transform
 log = logging.getLogger(__name__)
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """DataLoader workers fork from a single-threaded forkserver, never from the trainer itself.
+
+    Forking a process that runs DeepSpeed, gloo, TensorBoard and (under Ray) gRPC threads can
+    deadlock the child on a lock held at fork time; the forkserver has preloaded this module once.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 @contextlib.contextmanager
@@ -155,7 +167,9 @@ class TrainLoader:
                                 self.transform, self.num_classes)
         workers = self.cfg.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            multiprocessing_context=worker_context() if workers else None,
+                            generator=torch.Generator().manual_seed(self.state.seed))
         for batch in loader:
             self.state.cursors[batch["stream"]] = batch["cursor"]
             yield batch
@@ -239,7 +253,9 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict]:
         workers = self.cfg.num_workers
         loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            multiprocessing_context=worker_context() if workers else None,
+                            generator=torch.Generator().manual_seed(0))
         count = 0
         for batch in loader:
             count += 1
