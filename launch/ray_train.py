@@ -26,10 +26,10 @@ from typing import Any
 
 from pretrain import storage
 from pretrain.config import Config, config_to_dict
+from pretrain.worker import EXIT_CODES
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was committed; run the same command again to resume.
 # Non-secret variables forwarded to workers. Credentials stay with the cluster (instance profiles,
 # Kubernetes secrets, the nodes' environment) and are never written into a job or run spec.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
@@ -177,7 +177,7 @@ def run_training(cfg: Config, address: str | None = None) -> int:
             ray.shutdown()
     summary = json.loads(result.metrics["summary"])
     print_summary(summary)
-    return EXIT_PREEMPTED if summary["status"] == "preempted" else 0
+    return EXIT_CODES.get(summary["status"], 1)
 
 
 def _install_driver_signals(stop_actor) -> dict:

@@ -47,8 +47,9 @@ def s3_options(storage: StorageConfig | None = None) -> dict[str, Any]:
         opts["anon"] = True
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
-    # Retries on throttling/5xx are handled by botocore's adaptive mode; our readers retry on top.
-    opts["config_kwargs"] = {"retries": {"max_attempts": 10, "mode": "adaptive"}}
+    # s3fs retries throttling/5xx briefly (with botocore once more); readers and checkpoint uploads add
+    # their own longer backoff on top (data.read_retries, checkpoint.upload_retries).
+    opts["config_kwargs"] = {"retries": {"max_attempts": 2, "mode": "standard"}}
     return opts
 
 

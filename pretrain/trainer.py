@@ -53,9 +53,10 @@ class Trainer:
         self.loss_last: float | None = None
         self.last_eval: dict[str, Any] = {}
         self._build_data()
-        self._build_engine()
         self._build_checkpointing()
-        self.resumed_from = self._restore()
+        candidates = self._resumable_steps()  # fails fast on a mismatched config, before any heavy setup
+        self._build_engine()
+        self.resumed_from = self._restore(candidates)
         self.metrics = MetricsSink(cfg.run.url, cfg.logging, cfg.storage, enabled=ctx.is_main)
 
     # ----------------------------------------------------------------------------- building
@@ -106,16 +107,22 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- resume
 
-    def _restore(self) -> int | None:
-        """Load the newest committed checkpoint that verifies on every rank; None for a fresh run."""
-        ctx = self.ctx
+    def _resumable_steps(self) -> list[int]:
+        """Committed checkpoint steps (rank 0 first removes leftovers of interrupted saves)."""
         steps = None
-        if ctx.is_main:
+        if self.ctx.is_main:
             removed = self.checkpoints.cleanup_uncommitted()
             if removed:
                 log.warning("removed uncommitted checkpoint leftovers at steps %s", removed)
             steps = self.checkpoints.committed_steps()
         steps = broadcast_object(steps)
+        if steps:
+            self._check_compatible(self.checkpoints.read_manifest(steps[-1]))
+        return steps
+
+    def _restore(self, steps: list[int]) -> int | None:
+        """Load the newest committed checkpoint that verifies on every rank; None for a fresh run."""
+        ctx = self.ctx
         for step in reversed(steps):
             error = ""
             try:

@@ -10,6 +10,7 @@ at the next step boundary followed by a clean exit; launchers can add their own 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -20,6 +21,10 @@ from typing import Any, Callable
 import torch
 
 from pretrain.config import config_from_dict, config_to_dict, load_config
+
+
+# Exit codes of the worker processes (and `pretrain train`): 75 = preempted after a committed checkpoint.
+EXIT_CODES = {"finished": 0, "already_finished": 0, "preempted": 75}
 
 
 class StopFlag:
@@ -85,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
     summary = train_worker(config_to_dict(load_config(args.config, args.set)))
-    return 0 if summary["status"] in ("finished", "already_finished") else 3
+    if os.environ.get("RANK", "0") == "0":
+        print("SUMMARY " + json.dumps(summary), flush=True)
+    return EXIT_CODES.get(summary["status"], 1)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,22 @@ def s3_bucket(s3_server):
     url = f"s3://test-{uuid.uuid4().hex[:12]}"
     storage.ensure_bucket(url)
     return url
+
+
+@pytest.fixture(scope="session")
+def synth_shards(s3_server, tmp_path_factory):
+    """A learnable synthetic set (10 classes, 32 px) sharded into the moto S3 server, with a holdout set."""
+    from data_tools.make_shards import BuildParams, make_shards
+    from data_tools.synth import make_dataset
+    from pretrain import storage
+
+    root = tmp_path_factory.mktemp("synth")
+    make_dataset(str(root / "train"), classes=10, per_class=40, size=32, seed=0, holdout=10)
+    bucket = f"s3://shards-{uuid.uuid4().hex[:10]}"
+    storage.ensure_bucket(bucket)
+    urls = {}
+    for split, folder in (("train", "train"), ("holdout", "train_holdout")):
+        urls[split] = f"{bucket}/{split}"
+        make_shards(str(root / folder), urls[split], params=BuildParams(shard_samples=50), workers=1,
+                    progress=False, log=lambda _: None)
+    return urls

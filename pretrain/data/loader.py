@@ -97,12 +97,13 @@ class _TrainStreams(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        local = info.id if info is not None else 0
         topo, plan, seed = self.state.topology, self.state.plan, self.state.seed
+        # The DataLoader always asks worker 0 first; rotate so the stream due next comes first.
+        local = ((info.id if info is not None else 0) + self.state.next_stream[self.rank]) % topo.streams_per_rank
         stream = topo.stream_id(self.rank, local)
         cursor = self.state.cursors[stream]
         window_k, skip = divmod(cursor, topo.window)
-        images, labels, keys = [], [], []
+        images, labels, keys, positions = [], [], [], []
         skipped: Counter = Counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
             pending = pool.submit(self._fetch, plan, stream, window_k, skip)
@@ -120,10 +121,12 @@ class _TrainStreams(IterableDataset):
                     images.append(result[0])
                     labels.append(result[1])
                     keys.append(raws[position].key)  # type: ignore[union-attr]
+                    positions.append(position)
                     if len(images) == self.micro_batch:
                         yield {"image": torch.stack(images), "label": torch.tensor(labels), "keys": keys,
-                               "stream": stream, "cursor": cursor, "skipped": dict(skipped)}
-                        images, labels, keys, skipped = [], [], [], Counter()
+                               "positions": positions, "stream": stream, "cursor": cursor,
+                               "skipped": dict(skipped)}
+                        images, labels, keys, positions, skipped = [], [], [], [], Counter()
                 window_k, skip = window_k + 1, 0
 
     def _fetch(self, plan: Plan, stream: int, k: int, skip: int) -> tuple[np.ndarray, dict]:
@@ -170,8 +173,10 @@ class TrainLoader:
                             prefetch_factor=self.cfg.prefetch_factor if workers else None,
                             multiprocessing_context=worker_context() if workers else None,
                             generator=torch.Generator().manual_seed(self.state.seed))
+        per_rank = self.topology.streams_per_rank
         for batch in loader:
             self.state.cursors[batch["stream"]] = batch["cursor"]
+            self.state.next_stream[self.rank] = (batch["stream"] - self.rank * per_rank + 1) % per_rank
             yield batch
 
     def state_dict(self) -> dict:
@@ -192,6 +197,7 @@ def merge_rank_states(states: list[dict]) -> dict:
     for rank, state in enumerate(states):
         cursors[rank * per_rank:(rank + 1) * per_rank] = state["cursors"][rank * per_rank:(rank + 1) * per_rank]
     merged["cursors"] = cursors
+    merged["next_stream"] = [state["next_stream"][rank] for rank, state in enumerate(states)]
     return merged
 
 

@@ -196,6 +196,12 @@ class LoaderState:
     topology: Topology
     plan: Plan = field(default_factory=Plan)
     cursors: list[int] = field(default_factory=list)
+    next_stream: list[int] = field(default_factory=list)
+    """Per rank: the local stream whose batch comes next (DataLoader workers take turns)."""
+
+    def __post_init__(self) -> None:
+        if not self.next_stream:
+            self.next_stream = [0] * self.topology.world_size
 
     def consumed(self) -> int:
         """Samples read since the start of training (including ones skipped as corrupt)."""
@@ -205,13 +211,14 @@ class LoaderState:
         t = self.topology
         return {"seed": self.seed, "num_samples": self.num_samples,
                 "topology": {"world_size": t.world_size, "streams_per_rank": t.streams_per_rank, "window": t.window},
-                "plan": self.plan.to_dict(), "cursors": list(self.cursors)}
+                "plan": self.plan.to_dict(), "cursors": list(self.cursors), "next_stream": list(self.next_stream)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "LoaderState":
         return cls(seed=int(data["seed"]), num_samples=int(data["num_samples"]),
                    topology=Topology(**data["topology"]), plan=Plan.from_dict(data["plan"]),
-                   cursors=[int(c) for c in data["cursors"]])
+                   cursors=[int(c) for c in data["cursors"]],
+                   next_stream=[int(n) for n in data.get("next_stream", [])])
 
     def resumed_on(self, topo: Topology, seed: int, num_samples: int) -> "LoaderState":
         """This state continued on `topo`: exact when nothing changed, else re-planned."""
@@ -221,6 +228,6 @@ class LoaderState:
         if seed != self.seed:
             raise ValueError(f"run.seed changed ({self.seed} -> {seed}); the data order depends on it")
         if topo == self.topology:
-            return LoaderState(seed, num_samples, topo, self.plan, list(self.cursors))
+            return LoaderState(seed, num_samples, topo, self.plan, list(self.cursors), list(self.next_stream))
         plan = self.plan.after(self.topology, self.cursors, seed)
         return LoaderState(seed, num_samples, topo, plan, [0] * topo.num_streams)

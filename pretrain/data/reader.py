@@ -158,9 +158,9 @@ def _parse_sample(blob: bytes) -> RawSample | Skipped:
 
 def register_s3_with_webdataset(storage_cfg: StorageConfig | None = None) -> None:
     """Let `webdataset.WebDataset("s3://bucket/shard-{000000..000009}.tar")` stream through s3fs."""
-    import webdataset.gopen as gopen
+    import webdataset
 
     def open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
         return storage.open_url(url, mode, storage_cfg, block_size=max(bufsize, 1 << 22))
 
-    gopen.gopen_schemes["s3"] = open_s3
+    webdataset.gopen_schemes["s3"] = open_s3  # the dispatch table webdataset.gopen() consults

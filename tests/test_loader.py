@@ -1,0 +1,213 @@
+"""The streaming loader on real shards in the moto S3 server, with real DataLoader worker processes."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+
+import pytest
+import torch
+
+from pretrain import storage
+from pretrain.config import DataConfig, StorageConfig
+from pretrain.data import shards
+from pretrain.data.loader import EvalLoader, TrainLoader, merge_rank_states
+from pretrain.data.reader import register_s3_with_webdataset
+from tests.s3_proxy import FaultyS3Proxy, Rule
+
+CFG = DataConfig(image_size=32, micro_batch_size=4, num_workers=2, shuffle_window=16, randaugment="",
+                 random_erasing=0.0, mixup=0.0, cutmix=0.0, read_retries=3)
+
+
+def loader(url, rank=0, world=1, cfg=CFG, storage_cfg=None, seed=0) -> TrainLoader:
+    manifest = shards.read_manifest(url, storage_cfg)
+    return TrainLoader(url, manifest, cfg, storage_cfg, rank, world, seed, manifest.num_classes)
+
+
+def take(it, n):
+    return list(itertools.islice(it, n))
+
+
+def keys(batches) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+def test_one_epoch_is_every_key_once_across_2_ranks_x_2_workers(synth_shards):
+    url = synth_shards["train"]
+    n = shards.read_manifest(url).num_samples  # 400 = 2 ranks x 50 batches x 4
+    # 4 streams x 20-sample windows divide the epoch evenly, so its boundary is exact (in general it
+    # is exact up to one shuffle window per stream; see pretrain.data.order).
+    cfg = DataConfig(**{**CFG.__dict__, "shuffle_window": 20})
+    seen, positions = [], []
+    for rank in range(2):
+        batches = take(iter(loader(url, rank, 2, cfg=cfg)), n // 2 // cfg.micro_batch_size)
+        seen += keys(batches)
+        positions += [p for b in batches for p in b["positions"]]
+    assert len(seen) == n and len(set(seen)) == n
+    assert sorted(positions) == list(range(n))
+
+
+def test_resume_same_world_size_is_bit_exact(synth_shards):
+    url = synth_shards["train"]
+    straight = take(iter(loader(url)), 12)
+    first = loader(url)
+    head = take(iter(first), 5)
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
+    second = loader(url)
+    second.load_state_dict(state)
+    tail = take(iter(second), 7)
+    for a, b in zip(straight, head + tail):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2)])
+def test_elastic_resume_neither_repeats_nor_skips(synth_shards, old_world, new_world):
+    url = synth_shards["train"]
+    n = shards.read_manifest(url).num_samples
+    old = [loader(url, r, old_world) for r in range(old_world)]
+    positions = []
+    for ld in old:  # 96 samples before the "checkpoint"
+        positions += [p for b in take(iter(ld), 24 // old_world) for p in b["positions"]]
+    state = merge_rank_states([ld.state_dict() for ld in old])
+    new = [loader(url, r, new_world) for r in range(new_world)]
+    for ld in new:
+        ld.load_state_dict(state)
+    iters = [iter(ld) for ld in new]
+    while not set(range(n)) <= set(positions):
+        for it in iters:
+            positions += next(it)["positions"]
+    assert len(positions) == len(set(positions)), "a sample was read twice"
+    # The epoch's last samples may interleave with the next epoch's first ones, by at most one
+    # shuffle window per reader stream; nothing of the epoch is skipped (checked by the loop).
+    assert max(positions) < n + new[0].topology.num_streams * CFG.shuffle_window
+
+
+def test_eval_loader_covers_the_holdout_set_once_with_equal_batch_counts(synth_shards):
+    url = synth_shards["holdout"]
+    manifest = shards.read_manifest(url)
+    counts, total = [], 0
+    for rank in range(3):
+        batches = list(EvalLoader(url, manifest, CFG, None, rank, 3, batch_size=8, num_classes=10))
+        counts.append(len(batches))
+        total += sum(len(b["label"]) for b in batches)
+    assert total == manifest.num_samples
+    assert len(set(counts)) == 1  # ZeRO-3 needs every rank to run the same number of forwards
+
+
+def test_plain_webdataset_streams_the_shards_from_s3(synth_shards):
+    import webdataset as wds
+
+    register_s3_with_webdataset()
+    manifest = shards.read_manifest(synth_shards["train"])
+    first = f"{synth_shards['train']}/{manifest.shards[0].name}"
+    samples = list(wds.WebDataset(first, shardshuffle=False, empty_check=False))
+    assert len(samples) == manifest.shards[0].num_samples and "jpg" in samples[0]
+
+
+# ------------------------------------------------------------------------------------------- faults
+
+
+def _jpeg(seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_shard_set(url: str, samples: list[dict[str, bytes]], per_shard: int, num_classes: int = 3,
+                    truncate_last_shard: int = 0) -> None:
+    """Hand-written shards (so that they can contain what make-shards would refuse)."""
+    infos = []
+    for index in range(0, len(samples), per_shard):
+        buf, offsets = io.BytesIO(), []
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, sample in enumerate(samples[index:index + per_shard]):
+                offsets.append(buf.tell())
+                for ext, data in sample.items():
+                    info = tarfile.TarInfo(f"{index + i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            offsets.append(buf.tell())
+        data = buf.getvalue()
+        name = shards.shard_name(index // per_shard)
+        if truncate_last_shard and index + per_shard >= len(samples):
+            data = data[: offsets[-1] - truncate_last_shard]
+        storage.write_bytes(storage.join(url, name), data)
+        storage.write_bytes(storage.join(url, shards.index_name(name)), shards.encode_index(offsets))
+        infos.append(shards.ShardInfo(name, len(offsets) - 1, len(data), "-"))
+    manifest = shards.Manifest(len(samples), [f"c{i}" for i in range(num_classes)], "sorted", infos)
+    storage.write_bytes(storage.join(url, shards.MANIFEST), manifest.to_json().encode())
+
+
+def test_corrupt_samples_are_skipped_and_counted_by_reason(s3_bucket):
+    url = f"{s3_bucket}/corrupt"
+    good = [{"jpg": _jpeg(i), "cls": str(i % 3).encode()} for i in range(20)]
+    bad = [{"jpg": b"\xff\xd8 not a jpeg", "cls": b"0"}, {"jpg": _jpeg(99)},  # undecodable; no label
+           {"jpg": _jpeg(98), "cls": b"7"}, {"cls": b"1"}]  # label out of range; no image
+    samples = good[:10] + bad + good[10:]
+    write_shard_set(url, samples, per_shard=6, truncate_last_shard=700)  # the last sample is cut short
+    cfg = DataConfig(image_size=16, micro_batch_size=2, num_workers=0, shuffle_window=8, randaugment="",
+                     random_erasing=0.0, mixup=0.0, cutmix=0.0)
+    expected = {"decode_error": 1, "bad_label": 2, "missing_image": 1, "truncated": 1}
+    it, seen, skipped = iter(loader(url, cfg=cfg)), set(), dict_counter({})
+    # Skips are reported with the next good batch, so read until the whole epoch has been processed;
+    # the last batch may already count some of the next epoch's skips (at most once more).
+    while len(seen) < 19 or sum(skipped.values()) < 5:
+        batch = next(it)
+        seen |= set(batch["keys"])
+        skipped += dict_counter(batch["skipped"])
+    assert len(seen) == 19  # 20 good samples, the last one truncated
+    assert all(expected[r] <= skipped[r] <= 2 * expected[r] for r in expected) and set(skipped) == set(expected)
+
+
+def dict_counter(d):
+    from collections import Counter
+
+    return Counter(d)
+
+
+def test_transient_s3_errors_are_retried_and_a_dead_shard_is_skipped_and_reported(synth_shards, s3_server, caplog):
+    url = synth_shards["train"]
+    manifest = shards.read_manifest(url)
+    flaky, dead = manifest.shards[0].name, manifest.shards[1].name
+    proxy = FaultyS3Proxy(s3_server.endpoint, rules=[
+        Rule(lambda m, p: m == "GET" and p.endswith(flaky), fail_times=2),  # SlowDown twice, then fine
+        Rule(lambda m, p: m == "GET" and p.endswith(dead), fail_times=-1),  # never readable
+    ]).start()
+    try:
+        cfg = DataConfig(image_size=16, micro_batch_size=10, num_workers=0, shuffle_window=50, randaugment="",
+                         random_erasing=0.0, mixup=0.0, cutmix=0.0, read_retries=1)
+        ld = loader(url, cfg=cfg, storage_cfg=StorageConfig(endpoint_url=proxy.url))
+        batches = take(iter(ld), 35)  # 350 good samples: all but the dead shard's 50
+        seen = keys(batches)
+        skipped = sum((dict_counter(b["skipped"]) for b in batches), dict_counter({}))
+    finally:
+        proxy.stop()
+    assert proxy.failures[f"/{url[5:]}/{flaky}"] == 2 and proxy.bytes_served
+    assert skipped == {"read_error": 50}
+    assert len(set(seen)) == 350
+    assert any("giving up on" in r.message and dead in r.message for r in caplog.records)
+
+
+def test_resume_fetches_only_what_is_left_of_a_window(synth_shards, s3_server):
+    url = synth_shards["train"]
+    cfg = DataConfig(image_size=16, micro_batch_size=10, num_workers=0, shuffle_window=50, randaugment="",
+                     random_erasing=0.0, mixup=0.0, cutmix=0.0)
+    first = loader(url, cfg=cfg)
+    take(iter(first), 4)  # 40 of the first 50-sample window consumed
+    proxy = FaultyS3Proxy(s3_server.endpoint).start()
+    try:
+        resumed = loader(url, cfg=cfg, storage_cfg=StorageConfig(endpoint_url=proxy.url))
+        resumed.load_state_dict(first.state_dict())
+        take(iter(resumed), 1)
+        tar_bytes = sum(v for k, v in proxy.bytes_served.items() if k.endswith(".tar"))
+    finally:
+        proxy.stop()
+    full_window = shards.read_manifest(url).shards[0].bytes
+    # The rest of the first window (10 samples) plus the prefetched next window, not 2 full windows.
+    assert tar_bytes < 1.5 * full_window

@@ -1,0 +1,57 @@
+"""Runs the training worker the way users do on one node: torchrun with N gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.toml"
+
+
+@dataclass
+class WorkerRun:
+    returncode: int
+    output: str
+
+    @property
+    def summary(self) -> dict:
+        lines = [line for line in self.output.splitlines() if line.startswith("SUMMARY ")]
+        assert lines, f"no summary in output:\n{self.output[-4000:]}"
+        return json.loads(lines[-1][len("SUMMARY "):])
+
+    def steps_logged(self) -> dict[int, float]:
+        """step -> loss from the rank-0 console lines."""
+        out = {}
+        for line in self.output.splitlines():
+            if line.startswith("step "):
+                parts = line.split()
+                out[int(parts[1].split("/")[0])] = float(parts[parts.index("loss") + 1])
+        return out
+
+
+def torchrun_command(nproc: int, overrides: list[str], config: Path = SMOKE) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pretrain.worker", "--config", str(config)]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def worker_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_workers(nproc: int, overrides: list[str], timeout: float = 600, config: Path = SMOKE) -> WorkerRun:
+    proc = subprocess.run(torchrun_command(nproc, overrides, config), env=worker_env(), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return WorkerRun(proc.returncode, proc.stdout)
+
+
+def start_workers(nproc: int, overrides: list[str], config: Path = SMOKE) -> subprocess.Popen:
+    return subprocess.Popen(torchrun_command(nproc, overrides, config), env=worker_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
