@@ -19,7 +19,6 @@ stay compatible with released ``fb_in22k`` weights. Otherwise ids follow sorted 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import posixpath
 import tarfile

@@ -15,7 +15,6 @@ placing and restarting workers; it never holds model state, so there are never t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -109,15 +108,22 @@ def _relay_worker_sigterm(hook: _WorkerStopHook) -> None:
     ray_worker.raise_sys_exit_with_custom_error_message = on_sigterm
 
 
-def _train_loop(loop_config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker."""
-    import ray.train
+def _train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Runs in every Ray Train worker; rank 0's return value reaches the driver.
 
+    Errors that would recur on every restart (a config that does not match the run's checkpoints,
+    corrupt data, a diverged loss) end the run instead of burning FailureConfig retries; every rank
+    reaches the same decision, because the trainer takes them collectively.
+    """
+    from pretrain.config import ConfigError
+    from pretrain.trainer import DataQualityError, NonFiniteLossError
     from pretrain.worker import train_worker
 
     hook = _WorkerStopHook(loop_config["stop_actor"], loop_config["namespace"])
-    summary = train_worker(loop_config["config"], stop_requested=hook)
-    ray.train.report({"summary": json.dumps(summary)})
+    try:
+        return train_worker(loop_config["config"], stop_requested=hook)
+    except (ConfigError, DataQualityError, NonFiniteLossError) as exc:
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _storage_for_ray(cfg: Config) -> tuple[str, Any]:
@@ -175,8 +181,11 @@ def run_training(cfg: Config, address: str | None = None) -> int:
         _restore_signals(previous)
         if started_here:
             ray.shutdown()
-    summary = json.loads(result.metrics["summary"])
-    print_summary(summary)
+    summary = result.return_value
+    if summary["status"] == "failed":
+        print(f"pretrain train: {summary['error']}", file=sys.stderr)
+    else:
+        print_summary(summary)
     return EXIT_CODES.get(summary["status"], 1)
 
 

@@ -351,19 +351,22 @@ class Config:
 def grad_accum_steps(schedule: ScheduleConfig, data: DataConfig, num_workers: int) -> int:
     """Accumulation derived from global = micro x accumulation x workers; raises when not integral."""
     per_step = data.micro_batch_size * num_workers
-    if schedule.global_batch_size % per_step:
-        valid = [m for m in range(1, schedule.global_batch_size + 1)
-                 if schedule.global_batch_size % (m * num_workers) == 0][:12]
+    total = schedule.global_batch_size
+    if total % per_step:
+        valid = [m for m in range(1, total + 1) if total % (m * num_workers) == 0][:12]
+        hint = (f"micro-batch sizes that work with {num_workers} workers: {valid}" if valid else
+                f"no micro-batch size works with {num_workers} workers; worker counts that divide "
+                f"{total}: {[n for n in range(1, min(total, 4096) + 1) if total % n == 0][:16]}")
         raise ConfigError(
-            f"schedule.global_batch_size: {schedule.global_batch_size} is not divisible by "
-            f"data.micro_batch_size x launch.num_workers = {data.micro_batch_size} x {num_workers} = {per_step}; "
-            f"micro-batch sizes that work with {num_workers} workers: {valid}")
+            f"schedule.global_batch_size: {total} is not divisible by data.micro_batch_size x "
+            f"launch.num_workers = {data.micro_batch_size} x {num_workers} = {per_step}; {hint}")
     return schedule.global_batch_size // per_step
 
 
 # Keys that may change between a checkpoint and the run resuming it (elastic resume, new cluster, logging).
-RESUMABLE_CHANGES = ("run.allow_config_change", "run.name", "data.num_workers", "data.prefetch_factor",
+RESUMABLE_CHANGES = ("run.allow_config_change", "run.name", "run.url", "data.num_workers", "data.prefetch_factor",
                      "data.micro_batch_size", "data.train_url", "data.eval_url", "data.read_retries",
+                     "data.max_skip_fraction",
                      "zero.", "checkpoint.", "logging.", "eval.", "launch.", "storage.", "optim.implementation")
 
 

@@ -4,7 +4,9 @@
 
 Writes OUT.safetensors (fp32 tensors with timm's ConvNeXt key names) and OUT.json, a model card
 (variant, classes and label map, step, recipe, data manifest hash). timm loads it directly:
-``timm.create_model(variant, num_classes=C, pretrained=True, pretrained_cfg_overlay=dict(file=OUT))``.
+``timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=OUT, num_classes=C))``
+(``num_classes`` belongs in the overlay: otherwise timm compares it with the default tag's 1000 classes
+and drops the trained head).
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ def export(run_url: str, out_path: str, ema: bool = False, step: int | None = No
                 "data_manifest_sha256": manifest.get("data", {}).get("manifest_sha256"),
                 "train_url": manifest.get("data", {}).get("train_url"), "metrics": manifest.get("metrics"),
                 "recipe": config, "source": manager.step_url(step),
-                "timm": f"timm.create_model('{config['model']['name']}', num_classes="
-                        f"{config['model']['num_classes']}, pretrained=True, "
-                        f"pretrained_cfg_overlay=dict(file='{out_path}'))"}
+                "timm": f"timm.create_model('{config['model']['name']}', pretrained=True, "
+                        f"pretrained_cfg_overlay=dict(file='{out_path}', num_classes="
+                        f"{config['model']['num_classes']}))"}
         save_file(state, out_path, metadata={"format": "pt", "variant": card["variant"], "step": str(step),
                                             "weights": card["weights"]})
         card_path = out_path.rsplit(".", 1)[0] + ".json"

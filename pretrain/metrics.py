@@ -63,12 +63,17 @@ class MetricsSink:
         self.sync_every_s = sync_every_s
         self._last_sync = time.monotonic()
         self.writer = None
-        if enabled and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self.run_url = run_url
 
-            self.local_dir = tempfile.mkdtemp(prefix="tb-") if self.remote else storage.join(run_url, "tb")
-            os.makedirs(self.local_dir, exist_ok=True)
-            self.writer = SummaryWriter(self.local_dir)
+    def start(self, step: int) -> None:
+        """Open the event writer; on resume, events after `step` from the interrupted attempt are purged."""
+        if not (self.enabled and self.cfg.tensorboard) or self.writer is not None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.local_dir = tempfile.mkdtemp(prefix="tb-") if self.remote else storage.join(self.run_url, "tb")
+        os.makedirs(self.local_dir, exist_ok=True)
+        self.writer = SummaryWriter(self.local_dir, purge_step=step or None)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:

@@ -54,10 +54,13 @@ class Trainer:
         self.last_eval: dict[str, Any] = {}
         self._build_data()
         self._build_checkpointing()
-        candidates = self._resumable_steps()  # fails fast on a mismatched config, before any heavy setup
+        candidates, newest = self._resumable_steps()  # fails fast on a mismatched config
+        self.metrics = MetricsSink(cfg.run.url, cfg.logging, cfg.storage, enabled=ctx.is_main)
+        if newest and newest.get("finished") and newest["step"] >= self.plan.total_steps:
+            self.step = self.resumed_from = newest["step"]  # nothing to train: skip the engine entirely
+            return
         self._build_engine()
         self.resumed_from = self._restore(candidates)
-        self.metrics = MetricsSink(cfg.run.url, cfg.logging, cfg.storage, enabled=ctx.is_main)
 
     # ----------------------------------------------------------------------------- building
 
@@ -107,8 +110,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- resume
 
-    def _resumable_steps(self) -> list[int]:
-        """Committed checkpoint steps (rank 0 first removes leftovers of interrupted saves)."""
+    def _resumable_steps(self) -> tuple[list[int], dict[str, Any] | None]:
+        """Committed checkpoint steps and the newest manifest (rank 0 first removes leftovers)."""
         steps = None
         if self.ctx.is_main:
             removed = self.checkpoints.cleanup_uncommitted()
@@ -116,9 +119,10 @@ class Trainer:
                 log.warning("removed uncommitted checkpoint leftovers at steps %s", removed)
             steps = self.checkpoints.committed_steps()
         steps = broadcast_object(steps)
-        if steps:
-            self._check_compatible(self.checkpoints.read_manifest(steps[-1]))
-        return steps
+        newest = self.checkpoints.read_manifest(steps[-1]) if steps else None
+        if newest is not None:
+            self._check_compatible(newest)
+        return steps, newest
 
     def _restore(self, steps: list[int]) -> int | None:
         """Load the newest committed checkpoint that verifies on every rank; None for a fresh run."""
@@ -254,7 +258,6 @@ class Trainer:
         self.checkpoints.save(self._snapshot(finished), blocking=blocking)
         if blocking:
             torch.distributed.barrier()  # rank 0 returns only after the manifest is committed
-        self._last_saved = self.step
         return time.perf_counter() - started
 
     # ----------------------------------------------------------------------------- training
@@ -337,12 +340,13 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         total = self.plan.total_steps
         if self.step >= total:
-            self.metrics.console(f"run {self.cfg.run.url} already finished at step {self.step}/{total}; "
-                                 "nothing to do (use a new run.url, or raise schedule.steps to train further)")
+            self.metrics.console(f"run {self.cfg.run.url} already finished at step {self.step}/{total}; nothing to "
+                                 "do (use a new run.url, or to train further raise schedule.steps together "
+                                 "with run.allow_config_change=true)")
             return self.summary("already_finished")
+        self.metrics.start(self.step)
         if self.ctx.is_main:
             self._print_plan()
-        self._last_saved = self.step
         batches = self._batches()
         times = StepTimes()
         window_start, window_steps = time.perf_counter(), 0

@@ -23,8 +23,9 @@ import torch
 from pretrain.config import config_from_dict, config_to_dict, load_config
 
 
-# Exit codes of the worker processes (and `pretrain train`): 75 = preempted after a committed checkpoint.
-EXIT_CODES = {"finished": 0, "already_finished": 0, "preempted": 75}
+# Exit codes of the worker processes and `pretrain train`: 75 = preempted after a committed checkpoint
+# (run the same command again to resume); 2 = an error that a restart would not fix.
+EXIT_CODES = {"finished": 0, "already_finished": 0, "preempted": 75, "failed": 2}
 
 
 class StopFlag:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
-import tarfile
 
 import pytest
 import torch
 
-from pretrain import storage
 from pretrain.config import DataConfig, StorageConfig
 from pretrain.data import shards
 from pretrain.data.loader import EvalLoader, TrainLoader, merge_rank_states
 from pretrain.data.reader import register_s3_with_webdataset
+from tests.handmade_shards import jpeg_bytes, write_shard_set
 from tests.s3_proxy import FaultyS3Proxy, Rule
 
 CFG = DataConfig(image_size=32, micro_batch_size=4, num_workers=2, shuffle_window=16, randaugment="",
@@ -110,45 +108,11 @@ def test_plain_webdataset_streams_the_shards_from_s3(synth_shards):
 # ------------------------------------------------------------------------------------------- faults
 
 
-def _jpeg(seed: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def write_shard_set(url: str, samples: list[dict[str, bytes]], per_shard: int, num_classes: int = 3,
-                    truncate_last_shard: int = 0) -> None:
-    """Hand-written shards (so that they can contain what make-shards would refuse)."""
-    infos = []
-    for index in range(0, len(samples), per_shard):
-        buf, offsets = io.BytesIO(), []
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for i, sample in enumerate(samples[index:index + per_shard]):
-                offsets.append(buf.tell())
-                for ext, data in sample.items():
-                    info = tarfile.TarInfo(f"{index + i:06d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-            offsets.append(buf.tell())
-        data = buf.getvalue()
-        name = shards.shard_name(index // per_shard)
-        if truncate_last_shard and index + per_shard >= len(samples):
-            data = data[: offsets[-1] - truncate_last_shard]
-        storage.write_bytes(storage.join(url, name), data)
-        storage.write_bytes(storage.join(url, shards.index_name(name)), shards.encode_index(offsets))
-        infos.append(shards.ShardInfo(name, len(offsets) - 1, len(data), "-"))
-    manifest = shards.Manifest(len(samples), [f"c{i}" for i in range(num_classes)], "sorted", infos)
-    storage.write_bytes(storage.join(url, shards.MANIFEST), manifest.to_json().encode())
-
-
 def test_corrupt_samples_are_skipped_and_counted_by_reason(s3_bucket):
     url = f"{s3_bucket}/corrupt"
-    good = [{"jpg": _jpeg(i), "cls": str(i % 3).encode()} for i in range(20)]
-    bad = [{"jpg": b"\xff\xd8 not a jpeg", "cls": b"0"}, {"jpg": _jpeg(99)},  # undecodable; no label
-           {"jpg": _jpeg(98), "cls": b"7"}, {"cls": b"1"}]  # label out of range; no image
+    good = [{"jpg": jpeg_bytes(i), "cls": str(i % 3).encode()} for i in range(20)]
+    bad = [{"jpg": b"\xff\xd8 not a jpeg", "cls": b"0"}, {"jpg": jpeg_bytes(99)},  # undecodable; no label
+           {"jpg": jpeg_bytes(98), "cls": b"7"}, {"cls": b"1"}]  # label out of range; no image
     samples = good[:10] + bad + good[10:]
     write_shard_set(url, samples, per_shard=6, truncate_last_shard=700)  # the last sample is cut short
     cfg = DataConfig(image_size=16, micro_batch_size=2, num_workers=0, shuffle_window=8, randaugment="",
