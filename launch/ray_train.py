@@ -147,11 +147,12 @@ def run_training(cfg: Config, address: str | None = None) -> int:
     address = address or cfg.launch.address or None
     namespace = "convnext-pretrain"
     env = {**forwarded_env(), "PRETRAIN_PREEMPTION_GRACE_S": str(cfg.launch.preemption_grace_s),
-           "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+           "RAY_CHDIR_TO_TRIAL_DIR": "0",
+           # Ray Train would also route print() through the root logger: every line twice.
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, namespace=namespace, runtime_env={"env_vars": env},
-                 include_dashboard=False if address is None else None, log_to_driver=True,
+        ray.init(address=address, namespace=namespace, runtime_env={"env_vars": env}, log_to_driver=True,
                  logging_level=logging.WARNING)
     stop_name = f"pretrain-stop-{uuid.uuid4().hex[:10]}"
     stop_actor = _stop_actor_class().options(name=stop_name, namespace=namespace).remote()

@@ -354,15 +354,13 @@ class Trainer:
             if self._control():
                 return self._preempt()
             loss = self.train_step(batches, times)
-            self.loss_first = loss if self.loss_first is None else self.loss_first
-            self.loss_last = loss
             window_steps += 1
             if self.step % self.cfg.checkpoint.every_steps == 0 and self.step < total:
                 times.checkpoint_s += self.save()
             self.checkpoints.check()
             if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0 and self.step < total:
                 self.run_eval()
-            if self.step % self.cfg.logging.every_steps == 0 or self.step == total:
+            if self.step % self.cfg.logging.every_steps == 0 or self.step in (1, total):
                 self._log(loss, times, time.perf_counter() - window_start, window_steps)
                 window_start, window_steps = time.perf_counter(), 0
                 times.reset()
@@ -397,6 +395,8 @@ class Trainer:
         ctx, cfg = self.ctx, self.cfg
         loss_sum, = all_reduce_sum([loss], ctx.device)
         loss_mean = loss_sum / ctx.world_size
+        self.loss_first = loss_mean if self.loss_first is None else self.loss_first
+        self.loss_last = loss_mean
         images_per_s = cfg.schedule.global_batch_size * steps / max(elapsed, 1e-9)
         train_flops = 3 * self.flops_per_image * images_per_s
         peak = device_peak_flops(cfg.logging, ctx.device)

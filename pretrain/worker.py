@@ -47,11 +47,17 @@ class StopFlag:
 
 
 def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
-    for noisy in ("torch.distributed", "urllib3", "botocore", "aiobotocore", "s3fs", "fsspec", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Our loggers get their own stderr handler; the root logger is left to the launcher (Ray
+    captures it), so that nothing is printed twice."""
+    logger = logging.getLogger("pretrain")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
 
 
 def train_worker(config: dict[str, Any], stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:

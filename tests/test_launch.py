@@ -1,0 +1,170 @@
+"""Ray launches the workers: a real local Ray cluster (`ray start --head` on 127.0.0.1) and the moto
+S3 server; `pretrain train` joins it, `pretrain submit` goes through the Jobs API."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.local_s3 import free_port
+from pretrain import storage
+from pretrain.checkpoint import CHECKPOINTS, MANIFEST
+from tests.test_training import full_state
+from tests.workers import ROOT, SMOKE, run_workers
+
+pytestmark = pytest.mark.integration
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server, tmp_path_factory):
+    """A one-node Ray cluster; its workers inherit the S3 endpoint from the environment."""
+    port, dashboard = free_port(), free_port()
+    # A throwaway loopback cluster: no token authentication (clients here are this test's subprocesses).
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # The cluster's `python` is this environment's, as on a cluster whose image has the project installed.
+    env = {**os.environ, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1",
+                    f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                    f"--ray-client-server-port={free_port()}", "--num-cpus=4", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}"}
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
+
+
+@pytest.fixture(scope="module")
+def runs(s3_server):
+    url = f"s3://launch-{uuid.uuid4().hex[:10]}"
+    storage.ensure_bucket(url)
+    return url
+
+
+def args_for(shards, run_url, *extra):
+    sets = [f"data.train_url={shards['train']}", "data.eval_url=", f"run.url={run_url}", "data.mixup=0.0",
+            "logging.every_steps=1", "data.num_workers=0", *extra]
+    return [x for s in sets for x in ("--set", s)]
+
+
+def pretrain(*argv, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def start_pretrain(*argv) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(proc: subprocess.Popen, text: str, lines: list[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if text in line:
+            return
+        assert time.monotonic() < deadline, "".join(lines[-50:])
+    raise AssertionError(f"{text!r} never appeared:\n" + "".join(lines[-80:]))
+
+
+def train_workers() -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith(
+        "ray::RayTrainWorker")]
+
+
+def committed(run_url, step):
+    return storage.exists(storage.join(run_url, CHECKPOINTS, f"step_{step}", MANIFEST))
+
+
+def test_train_through_ray_and_rerun_is_a_no_op(ray_cluster, synth_shards, runs):
+    url = f"{runs}/basic"
+    result = pretrain("train", "--config", str(SMOKE), "--address", ray_cluster["address"],
+                      *args_for(synth_shards, url))
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "status: finished at step 8/8" in result.stdout
+    assert committed(url, 8)
+    again = pretrain("train", "--config", str(SMOKE), "--address", ray_cluster["address"],
+                     *args_for(synth_shards, url))
+    assert again.returncode == 0 and "already finished at step 8/8" in again.stdout, again.stdout[-3000:]
+
+
+def test_sigkill_of_a_worker_recovers_bitwise(ray_cluster, synth_shards, runs):
+    extra = ["schedule.steps=16", "checkpoint.every_steps=4"]
+    reference = f"{runs}/reference"
+    ref = run_workers(2, [a for a in args_for(synth_shards, reference, *extra) if a != "--set"])
+    assert ref.returncode == 0, ref.output[-3000:]
+    url = f"{runs}/killed"
+    proc = start_pretrain("train", "--config", str(SMOKE), "--address", ray_cluster["address"],
+                          *args_for(synth_shards, url, *extra))
+    lines: list[str] = []
+    wait_for(proc, "step 10/16", lines)
+    victims = train_workers()
+    assert len(victims) == 2
+    victims[1].send_signal(signal.SIGKILL)
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=600) == 0, output[-4000:]
+    assert "resumed from" in output and "(step 8)" in output, output[-4000:]
+    for kind in ("master", "ema"):
+        ours, theirs = full_state(url, 16, kind), full_state(reference, 16, kind)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), kind
+
+
+def test_sigterm_to_the_driver_and_to_a_worker_commit_a_checkpoint(ray_cluster, synth_shards, runs):
+    url = f"{runs}/preempted"
+    args = ["train", "--config", str(SMOKE), "--address", ray_cluster["address"],
+            *args_for(synth_shards, url, "schedule.steps=400", "checkpoint.every_steps=1000")]
+    proc = start_pretrain(*args)
+    lines: list[str] = []
+    wait_for(proc, "step 3/400", lines)
+    proc.send_signal(signal.SIGTERM)  # the driver: relayed to the workers
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=300) == 75, output[-4000:]
+    step = int(output.split("preemption: committed checkpoint at step ")[1].split()[0])
+    assert committed(url, step)
+
+    proc = start_pretrain(*args)  # the same command resumes
+    lines = []
+    wait_for(proc, f"resuming at step {step}", lines)
+    wait_for(proc, f"step {step + 2}/400", lines)
+    train_workers()[0].send_signal(signal.SIGTERM)  # a worker process (e.g. its node is reclaimed)
+    output = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=300) == 75, output[-4000:]
+    second = int(output.split("preemption: committed checkpoint at step ")[1].split()[0])
+    assert second > step and committed(url, second)
+
+
+def test_job_submission_through_the_jobs_api(ray_cluster, synth_shards, runs):
+    url = f"{runs}/submitted"
+    submitted = pretrain("submit", "--config", str(SMOKE), "--address", ray_cluster["dashboard"],
+                         "--env", "AWS_ACCESS_KEY_ID", *args_for(synth_shards, url))
+    assert submitted.returncode == 2 and "refusing to put a credential" in submitted.stdout
+    submitted = pretrain("submit", "--config", str(SMOKE), "--address", ray_cluster["dashboard"], "--wait",
+                         *args_for(synth_shards, url))
+    assert submitted.returncode == 0, submitted.stdout[-4000:]
+    submission_id = re.search(r"pretrain-smoke-[0-9a-f]{8}", submitted.stdout).group(0)
+    assert "status: finished at step 8/8" in submitted.stdout
+    status = pretrain("status", submission_id, "--address", ray_cluster["dashboard"])
+    assert f"{submission_id}: SUCCEEDED" in status.stdout
+    logs = pretrain("logs", submission_id, "--address", ray_cluster["dashboard"])
+    assert "status: finished at step 8/8" in logs.stdout
+    assert committed(url, 8)
+    from ray.job_submission import JobSubmissionClient
+
+    spec = JobSubmissionClient(ray_cluster["dashboard"]).get_job_info(submission_id)
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(spec.runtime_env or {})
