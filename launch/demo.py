@@ -171,7 +171,7 @@ def _finish(out: Path, cfg, lines: list[str], killed: int | None, started: float
     if metrics.get("loss_first") is not None:
         print(f"   loss:                {metrics['loss_first']:.3f} at the first step -> "
               f"{metrics['loss_last']:.3f} at the last")
-    print(f"   recovery:            " + (f"worker killed after step_{killed}; {resumed[-1].strip()[-80:]}"
+    print("   recovery:            " + (f"worker killed after step_{killed}; {resumed[-1].strip()[-80:]}"
                                          if killed and resumed else "not exercised"))
     print(f"   held-out top-1:      {correct / total:.1%} on {total} images with timm + the exported EMA weights "
           f"(chance {1 / len(classes):.0%})")

@@ -20,7 +20,7 @@ from launch.local_s3 import free_port
 from pretrain import storage
 from pretrain.checkpoint import CHECKPOINTS, MANIFEST
 from tests.test_training import full_state
-from tests.workers import ROOT, SMOKE, run_workers
+from tests.workers import ROOT, SMOKE
 
 pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).parent / "ray")
@@ -92,36 +92,57 @@ def committed(run_url, step):
     return storage.exists(storage.join(run_url, CHECKPOINTS, f"step_{step}", MANIFEST))
 
 
-def test_train_through_ray_and_rerun_is_a_no_op(ray_cluster, synth_shards, runs):
-    url = f"{runs}/basic"
-    result = pretrain("train", "--config", str(SMOKE), "--address", ray_cluster["address"],
+@pytest.fixture(scope="module")
+def submitted(ray_cluster, synth_shards, runs):
+    """A training job submitted through the Jobs API: Ray runs its 2 DeepSpeed workers."""
+    url = f"{runs}/submitted"
+    refused = pretrain("submit", "--config", str(SMOKE), "--address", ray_cluster["dashboard"],
+                       "--env", "AWS_ACCESS_KEY_ID", *args_for(synth_shards, url))
+    assert refused.returncode == 2 and "refusing to put a credential" in refused.stdout
+    result = pretrain("submit", "--config", str(SMOKE), "--address", ray_cluster["dashboard"], "--wait",
                       *args_for(synth_shards, url))
     assert result.returncode == 0, result.stdout[-4000:]
+    return url, result
+
+
+def test_job_submission_through_the_jobs_api(ray_cluster, submitted):
+    url, result = submitted
+    submission_id = re.search(r"pretrain-smoke-[0-9a-f]{8}", result.stdout).group(0)
     assert "status: finished at step 8/8" in result.stdout
-    assert committed(url, 8)
+    status = pretrain("status", submission_id, "--address", ray_cluster["dashboard"])
+    assert f"{submission_id}: SUCCEEDED" in status.stdout
+    logs = pretrain("logs", submission_id, "--address", ray_cluster["dashboard"])
+    assert "status: finished at step 8/8" in logs.stdout
+    assert committed(url, 4) and committed(url, 8)
+    from ray.job_submission import JobSubmissionClient
+
+    spec = JobSubmissionClient(ray_cluster["dashboard"]).get_job_info(submission_id)
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(spec.runtime_env or {})
+
+
+def test_train_joins_the_cluster_and_a_finished_run_is_a_no_op(ray_cluster, synth_shards, submitted):
+    url, _ = submitted
     again = pretrain("train", "--config", str(SMOKE), "--address", ray_cluster["address"],
                      *args_for(synth_shards, url))
     assert again.returncode == 0 and "already finished at step 8/8" in again.stdout, again.stdout[-3000:]
+    assert storage.listdir(storage.join(url, CHECKPOINTS)) == ["step_4", "step_8"]
 
 
-def test_sigkill_of_a_worker_recovers_bitwise(ray_cluster, synth_shards, runs):
-    extra = ["schedule.steps=16", "checkpoint.every_steps=4"]
-    reference = f"{runs}/reference"
-    ref = run_workers(2, [a for a in args_for(synth_shards, reference, *extra) if a != "--set"])
-    assert ref.returncode == 0, ref.output[-3000:]
+def test_sigkill_of_a_worker_recovers_bitwise(ray_cluster, synth_shards, runs, submitted):
+    reference, _ = submitted  # the same config, never interrupted
     url = f"{runs}/killed"
     proc = start_pretrain("train", "--config", str(SMOKE), "--address", ray_cluster["address"],
-                          *args_for(synth_shards, url, *extra))
+                          *args_for(synth_shards, url))
     lines: list[str] = []
-    wait_for(proc, "step 10/16", lines)
+    wait_for(proc, "step 6/8", lines)
     victims = train_workers()
     assert len(victims) == 2
     victims[1].send_signal(signal.SIGKILL)
     output = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=600) == 0, output[-4000:]
-    assert "resumed from" in output and "(step 8)" in output, output[-4000:]
+    assert "resuming at step 4" in output, output[-4000:]
     for kind in ("master", "ema"):
-        ours, theirs = full_state(url, 16, kind), full_state(reference, 16, kind)
+        ours, theirs = full_state(url, 8, kind), full_state(reference, 8, kind)
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), kind
 
 
@@ -147,24 +168,3 @@ def test_sigterm_to_the_driver_and_to_a_worker_commit_a_checkpoint(ray_cluster, 
     assert proc.wait(timeout=300) == 75, output[-4000:]
     second = int(output.split("preemption: committed checkpoint at step ")[1].split()[0])
     assert second > step and committed(url, second)
-
-
-def test_job_submission_through_the_jobs_api(ray_cluster, synth_shards, runs):
-    url = f"{runs}/submitted"
-    submitted = pretrain("submit", "--config", str(SMOKE), "--address", ray_cluster["dashboard"],
-                         "--env", "AWS_ACCESS_KEY_ID", *args_for(synth_shards, url))
-    assert submitted.returncode == 2 and "refusing to put a credential" in submitted.stdout
-    submitted = pretrain("submit", "--config", str(SMOKE), "--address", ray_cluster["dashboard"], "--wait",
-                         *args_for(synth_shards, url))
-    assert submitted.returncode == 0, submitted.stdout[-4000:]
-    submission_id = re.search(r"pretrain-smoke-[0-9a-f]{8}", submitted.stdout).group(0)
-    assert "status: finished at step 8/8" in submitted.stdout
-    status = pretrain("status", submission_id, "--address", ray_cluster["dashboard"])
-    assert f"{submission_id}: SUCCEEDED" in status.stdout
-    logs = pretrain("logs", submission_id, "--address", ray_cluster["dashboard"])
-    assert "status: finished at step 8/8" in logs.stdout
-    assert committed(url, 8)
-    from ray.job_submission import JobSubmissionClient
-
-    spec = JobSubmissionClient(ray_cluster["dashboard"]).get_job_info(submission_id)
-    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(spec.runtime_env or {})

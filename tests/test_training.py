@@ -15,7 +15,7 @@ from safetensors.torch import load as load_safetensors
 
 from pretrain import storage
 from pretrain.checkpoint import CHECKPOINTS, MANIFEST, consolidate, rank_file
-from pretrain.data.order import LoaderState, Plan, Topology
+from pretrain.data.order import LoaderState, Topology
 from tests.handmade_shards import jpeg_bytes, write_shard_set
 from tests.s3_proxy import FaultyS3Proxy, Rule
 from tests.workers import run_workers, start_workers

@@ -59,10 +59,24 @@ def deepspeed_config(precision: PrecisionConfig, zero: ZeroConfig, grad_clip: fl
     return config
 
 
+def _skip_inference_only_ops() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce kernel.
+
+    On first init DeepSpeed probes every op's compiler compatibility and JIT-compiles that kernel,
+    which only serves ``inference_all_reduce`` (training collectives go through torch.distributed).
+    The probe costs seconds per process and the build up to a minute, repeated whenever the build
+    environment's hash changes (torchrun vs Ray workers). Its answer is cached in this module dict.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__dict__.setdefault("__compatible_ops__", {"deepspeed_shm_comm": False})
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
     """A DeepSpeed engine around `model`; torch.distributed must already be initialized."""
     import deepspeed
 
+    _skip_inference_only_ops()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     return engine
