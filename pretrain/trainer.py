@@ -17,7 +17,7 @@ import torch
 
 from pretrain import storage
 from pretrain.checkpoint import CheckpointError, CheckpointManager, RankSnapshot, rng_state, set_rng_state
-from pretrain.config import Config, ConfigError, config_diff, config_to_dict, grad_accum_steps
+from pretrain.config import Config, ConfigError, config_diff, config_to_dict, dump_toml, grad_accum_steps
 from pretrain.data.loader import EvalLoader, TrainLoader, merge_rank_states
 from pretrain.data.order import derive_seed
 from pretrain.data.shards import read_manifest
@@ -68,6 +68,9 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         if not cfg.data.train_url:
             raise ConfigError("data.train_url: empty; point it at a shard set built by `data-tools make-shards`")
+        if cfg.precision.dtype == "fp16" and ctx.device.type != "cuda":
+            raise ConfigError("precision.dtype: DeepSpeed supports fp16 (with loss scaling) only on CUDA devices; "
+                              "use bf16 or fp32 on CPU")
         self.manifest = read_manifest(cfg.data.train_url, cfg.storage)
         if self.manifest.num_classes != cfg.model.num_classes:
             raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the shards at {cfg.data.train_url} "
@@ -347,6 +350,8 @@ class Trainer:
         self.metrics.start(self.step)
         if self.ctx.is_main:
             self._print_plan()
+            storage.write_bytes(storage.join(self.cfg.run.url, "config.toml"), dump_toml(self.cfg).encode(),
+                                self.cfg.storage)
         batches = self._batches()
         times = StepTimes()
         window_start, window_steps = time.perf_counter(), 0

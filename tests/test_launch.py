@@ -146,21 +146,31 @@ def test_sigkill_of_a_worker_recovers_bitwise(ray_cluster, synth_shards, runs, s
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), kind
 
 
-def test_sigterm_to_the_driver_and_to_a_worker_commit_a_checkpoint(ray_cluster, synth_shards, runs):
+def test_stop_and_sigterm_to_a_worker_commit_a_checkpoint_and_the_same_command_resumes(
+        ray_cluster, synth_shards, runs):
+    from ray.job_submission import JobSubmissionClient
+
     url = f"{runs}/preempted"
-    args = ["train", "--config", str(SMOKE), "--address", ray_cluster["address"],
-            *args_for(synth_shards, url, "schedule.steps=400", "checkpoint.every_steps=1000")]
-    proc = start_pretrain(*args)
-    lines: list[str] = []
-    wait_for(proc, "step 3/400", lines)
-    proc.send_signal(signal.SIGTERM)  # the driver: relayed to the workers
-    output = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=300) == 75, output[-4000:]
-    step = int(output.split("preemption: committed checkpoint at step ")[1].split()[0])
+    args = [*args_for(synth_shards, url, "schedule.steps=400", "checkpoint.every_steps=1000")]
+    submitted = pretrain("submit", "--config", str(SMOKE), "--address", ray_cluster["dashboard"], *args)
+    submission_id = re.search(r"pretrain-smoke-[0-9a-f]{8}", submitted.stdout).group(0)
+    client = JobSubmissionClient(ray_cluster["dashboard"])
+    deadline = time.monotonic() + 300
+    while "step 3/400" not in client.get_job_logs(submission_id):
+        assert time.monotonic() < deadline, client.get_job_logs(submission_id)[-3000:]
+        time.sleep(1)
+    stopped = pretrain("stop", submission_id, "--address", ray_cluster["dashboard"])  # SIGTERM to the driver
+    assert stopped.returncode == 0, stopped.stdout
+    while str(client.get_job_status(submission_id)).split(".")[-1] not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        assert time.monotonic() < deadline + 300
+        time.sleep(1)
+    logs = client.get_job_logs(submission_id)
+    assert "preemption: committed checkpoint at step" in logs, logs[-3000:]
+    step = int(logs.split("preemption: committed checkpoint at step ")[1].split()[0])
     assert committed(url, step)
 
-    proc = start_pretrain(*args)  # the same command resumes
-    lines = []
+    proc = start_pretrain("train", "--config", str(SMOKE), "--address", ray_cluster["address"], *args)
+    lines: list[str] = []
     wait_for(proc, f"resuming at step {step}", lines)
     wait_for(proc, f"step {step + 2}/400", lines)
     train_workers()[0].send_signal(signal.SIGTERM)  # a worker process (e.g. its node is reclaimed)

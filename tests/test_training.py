@@ -299,3 +299,28 @@ def test_export_loads_in_timm_with_identical_logits(straight, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-5)
     assert_same(dict(ours.state_dict()), full_state(straight[0], 8, "ema"))
+
+
+def test_a_hung_rank_fails_the_step_after_the_collective_timeout(synth_shards, tmp_path):
+    import psutil
+
+    proc = start_workers(2, overrides(synth_shards, str(tmp_path / "run"), "schedule.steps=500",
+                                      "checkpoint.every_steps=1000", "launch.collective_timeout_s=15"))
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step 3/"):
+                workers = [p for p in psutil.Process(proc.pid).children() if "pretrain.worker" in " ".join(p.cmdline())]
+                workers[1].suspend()  # SIGSTOP: rank 1 hangs mid-run
+                started = time.monotonic()
+            if "another rank is hung or dead" in line:
+                break
+        waited = time.monotonic() - started
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    output = "".join(lines)
+    assert "rank 0: a collective timed out after launch.collective_timeout_s=15s; another rank is hung or dead" \
+        in output, output[-3000:]
+    assert waited < 120
