@@ -41,11 +41,21 @@ def _find_train_workers() -> list:
     return found
 
 
+SHOWN = ("step ", "eval at", "resuming", "starting:", "committed checkpoint", "status:", "loss:", "checkpoints:",
+         "tensorboard:", "pretrain train:")
+
+
 def _stream(proc: subprocess.Popen, lines: list[str]) -> None:
+    """Echo the training's progress lines (Ray's own diagnostics stay in the captured log)."""
+    noted = False
     for line in proc.stdout:  # type: ignore[union-attr]
         lines.append(line)
-        if any(key in line for key in ("step ", "eval at", "resuming", "starting:", "committed", "status:",
-                                       "Error", "error", "loss:", "checkpoints:", "tensorboard:")):
+        if "TrainController" in line or "(raylet)" in line:
+            if not noted and ("ActorDiedError" in line or "worker died" in line.lower()):
+                print("   | Ray: a training worker died; restarting the worker group", flush=True)
+                noted = True
+            continue
+        if any(key in line for key in SHOWN):
             print("   | " + line.rstrip()[-200:], flush=True)
 
 

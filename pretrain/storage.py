@@ -13,7 +13,7 @@ import os
 import posixpath
 import threading
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import fsspec
 
@@ -114,13 +114,7 @@ def write_bytes(url: str, data: bytes, storage: StorageConfig | None = None) -> 
     """
     fs, path = filesystem(url, storage)
     if protocol(url) in ("file", "local"):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace_local(path, [data])
     else:
         fs.pipe_file(path, data)
 
@@ -129,16 +123,22 @@ def upload_file(local_path: str, url: str, storage: StorageConfig | None = None)
     """Copy a local file to a URL atomically (temp + rename locally; one object PUT on S3)."""
     fs, path = filesystem(url, storage)
     if protocol(url) in ("file", "local"):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(local_path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, path)
+        with open(local_path, "rb") as src:
+            _replace_local(path, _chunks(src, 1 << 24))
     else:
         fs.put_file(local_path, path)
+
+
+def _replace_local(path: str, chunks: Iterable[bytes]) -> None:
+    """Write a temporary sibling, fsync it and rename it over `path` (atomic on POSIX)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def listdir(url: str, storage: StorageConfig | None = None) -> list[str]:

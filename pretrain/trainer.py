@@ -122,7 +122,13 @@ class Trainer:
                 log.warning("removed uncommitted checkpoint leftovers at steps %s", removed)
             steps = self.checkpoints.committed_steps()
         steps = broadcast_object(steps)
-        newest = self.checkpoints.read_manifest(steps[-1]) if steps else None
+        newest = None
+        for step in reversed(steps):  # the newest manifest that reads back (restore re-verifies)
+            try:
+                newest = self.checkpoints.read_manifest(step)
+                break
+            except (CheckpointError, FileNotFoundError, ValueError) as exc:
+                log.error("checkpoint step %d is unreadable (%s)", step, exc)
         if newest is not None:
             self._check_compatible(newest)
         return steps, newest
