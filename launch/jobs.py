@@ -50,13 +50,13 @@ def submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     working_dir = Path(args.working_dir).resolve()
     submission_id = args.submission_id or f"pretrain-{cfg.run.name}-{uuid.uuid4().hex[:8]}"
+    env = job_env(args.env)  # may refuse (secrets): before anything is written
+    env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(cfg.launch.preemption_grace_s + 60))
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"  # the driver's ray.init adds its own worker variables
     config_dir = working_dir / SUBMIT_DIR
     config_dir.mkdir(exist_ok=True)
     config_path = config_dir / f"{submission_id}.toml"
     config_path.write_text(dump_toml(cfg))
-    env = job_env(args.env)
-    env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(cfg.launch.preemption_grace_s + 60))
-    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"  # the driver's ray.init adds its own worker variables
     try:
         client = _client(args.address)
         client.submit_job(

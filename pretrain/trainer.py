@@ -257,9 +257,13 @@ class Trainer:
         return RankSnapshot(self.step, self.ctx.rank, self.ctx.world_size, tensors, meta, run_meta)
 
     def manifest_sha256(self) -> str:
+        """Digest of the data manifest, computed once: encoding a 22k manifest costs ~60 ms per save."""
         import hashlib
 
-        return hashlib.sha256(self.manifest.to_json().encode()).hexdigest()
+        digest = getattr(self, "_manifest_sha256", None)
+        if digest is None:
+            digest = self._manifest_sha256 = hashlib.sha256(self.manifest.to_json().encode()).hexdigest()
+        return digest
 
     def save(self, finished: bool = False, blocking: bool = False) -> float:
         """Checkpoint the current step; returns the seconds training was blocked."""

@@ -99,6 +99,7 @@ def submitted(ray_cluster, synth_shards, runs):
     refused = pretrain("submit", "--config", str(SMOKE), "--address", ray_cluster["dashboard"],
                        "--env", "AWS_ACCESS_KEY_ID", *args_for(synth_shards, url))
     assert refused.returncode == 2 and "refusing to put a credential" in refused.stdout
+    assert not list(ROOT.glob(".pretrain-submit/*")), "a refused submission left its config behind"
     result = pretrain("submit", "--config", str(SMOKE), "--address", ray_cluster["dashboard"], "--wait",
                       *args_for(synth_shards, url))
     assert result.returncode == 0, result.stdout[-4000:]

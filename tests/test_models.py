@@ -229,3 +229,64 @@ def test_wrong_file_gives_clear_error(tmp_path):
     expected = r"(?i)expected timm-layout keys.*stem\.0\.weight.*downsample_layers"
     with pytest.raises(ValueError, match=expected):
         load_weights(create_model("convnext_atto"), tmp_path / "bad.pth")
+
+
+def _timm_twin(name, ours, **kwargs):
+    with torch.device("meta"):
+        theirs = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()), strict=True, assign=True)
+    return theirs
+
+
+def _train_step(model, x, seed, amp=False):
+    """Loss and gradients of one training forward/backward (drop path active) under `seed`."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        loss = model(x).float().logsumexp(1).mean()
+    loss.backward()
+    return loss.detach(), {k: p.grad.float() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnext_tiny"])
+def test_training_step_with_drop_path_matches_timm(name):
+    """Layer scale, stochastic depth and the residual are fused into one addcmul: same math as timm."""
+    torch.manual_seed(0)
+    ours = create_model(name, num_classes=10, drop_path_rate=0.3, layer_scale_init=0.5).train()
+    theirs = _timm_twin(name, ours, drop_path_rate=0.3).train()
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    loss, grads = _train_step(ours, x, seed=3)
+    ref_loss, ref_grads = _train_step(theirs, x, seed=3)
+    assert _train_step(ours, x, seed=4)[0] != loss  # a different seed drops other paths
+    assert (loss - ref_loss).abs().item() <= 1e-5
+    assert max((grads[k] - ref_grads[k]).abs().max().item() for k in grads) <= 1e-5
+
+
+def test_bf16_matches_timm_and_runs_through_fp32_kernels_without_native_bf16():
+    from pretrain.models import cpu_bf16
+
+    torch.manual_seed(0)
+    ours = randomized("convnext_atto", num_classes=10).train()
+    theirs = _timm_twin("convnext_atto", ours).train()
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    loss, grads = _train_step(ours, x, seed=0, amp=True)
+    ref_loss, ref_grads = _train_step(theirs, x, seed=0, amp=True)
+    assert (loss - ref_loss).abs().item() <= 2e-2 * ref_loss.abs().item()
+    for k in grads:  # bf16 rounding, not different math
+        assert (grads[k] - ref_grads[k]).norm() <= 5e-2 * ref_grads[k].norm() + 1e-6, k
+    # bf16 weights (DeepSpeed's bf16 mode): bf16 activations out, close to fp32
+    model = copy.deepcopy(ours).eval()
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 5e-2 * ref.abs().max()
+    # the emulated GEMM is a bf16 GEMM: bf16-rounded inputs, fp32 accumulation, bf16 output
+    a, w = torch.randn(64, 96), torch.randn(384, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cpu_bf16.linear(a, w, None)
+    assert y.dtype == torch.bfloat16
+    exact = (a.bfloat16().double() @ w.bfloat16().double().T)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    if not cpu_bf16._native_cpu_bf16():
+        assert torch.equal(y, (a.bfloat16().float() @ w.bfloat16().float().T).bfloat16())

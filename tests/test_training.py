@@ -306,7 +306,7 @@ def test_a_hung_rank_fails_the_step_after_the_collective_timeout(synth_shards, t
 
     proc = start_workers(2, overrides(synth_shards, str(tmp_path / "run"), "schedule.steps=500",
                                       "checkpoint.every_steps=1000", "launch.collective_timeout_s=15"))
-    lines = []
+    lines, workers = [], []
     try:
         for line in proc.stdout:
             lines.append(line)
@@ -320,6 +320,11 @@ def test_a_hung_rank_fails_the_step_after_the_collective_timeout(synth_shards, t
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        for worker in workers:  # torchrun's workers have their own session: a stopped one outlives killpg
+            try:
+                worker.kill()
+            except psutil.NoSuchProcess:
+                pass
     output = "".join(lines)
     assert "rank 0: a collective timed out after launch.collective_timeout_s=15s; another rank is hung or dead" \
         in output, output[-3000:]

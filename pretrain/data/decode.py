@@ -52,7 +52,7 @@ def open_image(data: bytes) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright RGB: EXIF orientation applied, alpha composited on white, 16-bit scaled to 8-bit."""
     try:
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright image
     except Exception:  # a malformed EXIF block must not cost us the pixels; keep them as stored
         pass
     if image.mode == "RGB":

@@ -4,12 +4,12 @@ Why this file exists instead of using timm's model directly:
 
 * Speed. The residual stream is kept channels-last *logically* ((N, H, W, C)) between blocks, so
   LayerNorm and the MLP Linears run on contiguous rows with no copies; only the depthwise / down-
-  sampling convs see an (N, C, H, W) view, which with channels-last memory is free. Layer scale is
-  folded into fc2's weight and bias (a [C, 4C] multiply per step) instead of an elementwise pass over
-  the activation.
+  sampling convs see an (N, C, H, W) view, which with channels-last memory is free. Layer scale,
+  stochastic depth and the residual add are one ``addcmul`` pass over the activation instead of
+  three. The 1x1-conv MLP of atto..nano runs as a Linear (timm runs it as a convolution). On CPUs
+  without bf16 instructions, bf16 GEMMs and convolutions go through fp32 kernels (``cpu_bf16``).
 * DeepSpeed ZeRO-3. ZeRO-3 gathers a module's parameters only around that module's own ``forward``,
-  so no forward here reads a child module's parameters: γ is passed *into* fc2 instead of fc2's
-  weight being read by the block.
+  so no forward here reads a child module's parameters (γ belongs to the block that uses it).
 
 Keys and shapes are exactly timm's ``convnext_*`` (including the [4C, C, 1, 1] MLP weights of the
 ``conv_mlp`` variants atto..nano, which are computed with the same Linear path), so weights move
@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.models import cpu_bf16
+
 LN_EPS = 1e-6
 
 
@@ -35,21 +37,26 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample multiplier (N, 1, ..., 1): 0 or 1/keep; None when nothing is dropped."""
         if not self.training or self.drop_prob == 0.0:
-            return x
+            return None
         keep = 1.0 - self.drop_prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         if keep > 0.0:
             mask.div_(keep)
-        return x * mask
+        return mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask(x)
+        return x if mask is None else x * mask
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
 
 
 class PointwiseLinear(nn.Linear):
-    """Linear over the last (channel) dim, with an optional per-output scale fused into W and b.
+    """Linear over the last (channel) dim (``cpu_bf16.linear``, so bf16 is fast on any CPU).
 
     Args:
         in_features: Input channels.
@@ -63,16 +70,21 @@ class PointwiseLinear(nn.Linear):
         if conv_shape:
             self.weight = nn.Parameter(self.weight.detach().reshape(out_features, in_features, 1, 1))
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., in) -> (..., out); with ``scale`` [out]: ``scale * (x @ W.T + b)`` in one GEMM."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out)."""
         weight = self.weight.flatten(1)  # [out, in, 1, 1] -> [out, in]; a no-op for 2-D weights
-        if scale is None:
-            return F.linear(x, weight, self.bias)
-        return F.linear(x, weight * scale[:, None], self.bias * scale)
+        return cpu_bf16.linear(x, weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters) through ``cpu_bf16.conv2d``."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return cpu_bf16.conv2d(x, weight, bias, self.stride, self.padding, self.groups)
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 on (N, H, W, C) rows; fc2 takes the block's layer scale."""
+    """fc1 -> GELU -> fc2 on (N, H, W, C) rows."""
 
     def __init__(self, dim: int, hidden: int, conv_shape: bool = False):
         super().__init__()
@@ -80,8 +92,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = PointwiseLinear(hidden, dim, conv_shape)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)), scale=scale)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -99,7 +111,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init: float = 1e-6,
                  conv_mlp: bool = False):
         super().__init__()
-        self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.conv_dw = Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, 4 * dim, conv_mlp)
         gamma = torch.full((dim,), float(layer_scale_init))
@@ -110,15 +122,19 @@ class Block(nn.Module):
         shortcut = x
         x = self.conv_dw(x.permute(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W), channels-last memory
         x = self.norm(x.permute(0, 2, 3, 1))  # (N, C, H, W) -> (N, H, W, C)
-        x = self.mlp(x, scale=self.gamma)
-        return shortcut + self.drop_path(x)
+        x = self.mlp(x)
+        mask = self.drop_path.mask(x) if isinstance(self.drop_path, DropPath) else None  # (N, 1, 1, 1)
+        scale = self.gamma if mask is None else mask if self.gamma is None else self.gamma * mask
+        if scale is None:  # scale: [C], (N, 1, 1, 1) or (N, 1, 1, C)
+            return shortcut + x
+        return torch.addcmul(shortcut, x, scale)  # shortcut + γ·mask·x in one pass
 
 
 class Stem(nn.Sequential):
     """Patchify: Conv 4x4 stride 4 + LN. (N, C_in, H, W) -> (N, H/4, W/4, C)."""
 
     def __init__(self, in_chans: int, dim: int):
-        super().__init__(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=LN_EPS))
+        super().__init__(Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=LN_EPS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self[1](self[0](x).permute(0, 2, 3, 1))  # (N, C, H, W) -> (N, H, W, C)
@@ -129,7 +145,7 @@ class Downsample(nn.Sequential):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__(nn.LayerNorm(in_dim, eps=LN_EPS),
-                         nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
+                         Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self[1](self[0](x).permute(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
@@ -170,7 +186,7 @@ class Head(nn.Module):
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
-        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = PointwiseLinear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(x.mean((1, 2))))  # (N, H, W, C) -> (N, C)
@@ -236,7 +252,7 @@ class ConvNeXt(nn.Module):
         norm_weight = self.head.norm.weight
         fc: nn.Module = nn.Identity()
         if num_classes > 0:
-            fc = nn.Linear(self.num_features, num_classes, device=norm_weight.device, dtype=norm_weight.dtype)
+            fc = PointwiseLinear(self.num_features, num_classes).to(norm_weight.device, norm_weight.dtype)
             _init_weights(fc)
         self.head.fc = fc
         self.num_classes = num_classes
