@@ -20,7 +20,7 @@ import time
 import traceback
 
 from benchmarks import BENCHMARKS
-from benchmarks.common import NOT_RUN, Row, machine_info, machine_slug, make_context
+from benchmarks.harness import NOT_RUN, Row, machine_info, machine_slug, make_context
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

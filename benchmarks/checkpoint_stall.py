@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-from benchmarks.common import CONTEXT, MEASURED, Context, Goal, Row, alternate, fmt_s
+from benchmarks.harness import CONTEXT, MEASURED, Context, Goal, Row, alternate, fmt_s
 
 NAME = "checkpoint_stall"
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.toml")

@@ -27,7 +27,7 @@ import os
 import time
 from typing import Callable, Iterator
 
-from benchmarks.common import ANCHOR, MEASURED, Context, Goal, PairStats, Row, fmt_s
+from benchmarks.harness import ANCHOR, MEASURED, Context, Goal, PairStats, Row, fmt_s
 from benchmarks.mfu import ANCHOR_IMG_S
 
 NAME = "data_pipeline"

@@ -32,7 +32,7 @@ from collections import Counter
 
 import torch
 
-from benchmarks.common import Context, Goal, Row, alternate, fmt_s
+from benchmarks.harness import Context, Goal, Row, alternate, fmt_s
 
 NAME = "engine_overhead"
 FULL_PX, QUICK_PX, MICRO = 224, 128, 32

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.common import CONTEXT, NO_GPU, Context, Goal, PairStats, Row, fmt_s
+from benchmarks.harness import CONTEXT, NO_GPU, Context, Goal, PairStats, Row, fmt_s
 
 NAME = "mfu"
 ANCHOR_IMG_S = 116.0

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import NO_GPU, Context, Goal, Row, alternate, fmt_s
+from benchmarks.harness import NO_GPU, Context, Goal, Row, alternate, fmt_s
 
 NAME = "model_step"
 GOAL = Goal("<=", 0.90)

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from benchmarks.common import Row
+from benchmarks.harness import Row
 
 SCHEMA = "convnext-pretrain-benchmarks/1"
 

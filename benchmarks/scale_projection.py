@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 
-from benchmarks.common import ANCHOR, CONTEXT, PROJECTION, Context, Row, fmt_s
+from benchmarks.harness import ANCHOR, CONTEXT, PROJECTION, Context, Row, fmt_s
 from benchmarks.mfu import ANCHOR_IMG_S
 
 NAME = "scale_projection"

@@ -44,7 +44,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import MEASURED, Context, Goal, Row, fmt_bytes
+from benchmarks.harness import MEASURED, Context, Goal, Row, fmt_bytes
 
 NAME = "zero_memory"
 MODEL, CLASSES, MICRO = "convnext_atto", 10, 4

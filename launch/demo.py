@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -181,8 +182,9 @@ def _finish(out: Path, cfg, lines: list[str], killed: int | None, started: float
     if metrics.get("loss_first") is not None:
         print(f"   loss:                {metrics['loss_first']:.3f} at the first step -> "
               f"{metrics['loss_last']:.3f} at the last")
-    print("   recovery:            " + (f"worker killed after step_{killed}; {resumed[-1].strip()[-80:]}"
-                                         if killed and resumed else "not exercised"))
+    resumed_at = re.search(r"resuming at step (\d+)", resumed[-1]).group(1) if resumed else None
+    print("   recovery:            " + (f"worker killed after step_{killed}; Ray restarted the group, which "
+                                         f"resumed at step {resumed_at}" if killed and resumed_at else "not exercised"))
     print(f"   held-out top-1:      {correct / total:.1%} on {total} images with timm + the exported EMA weights "
           f"(chance {1 / len(classes):.0%})")
     if "ema_top1" in metrics:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import BENCHMARKS
-from benchmarks.common import ANCHOR, MEASURED, NO_GPU, PROJECTION, Context, Goal, alternate
+from benchmarks.harness import ANCHOR, MEASURED, NO_GPU, PROJECTION, Context, Goal, alternate
 
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = ("checkpoint_stall", "scale_projection")
