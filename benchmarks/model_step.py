@@ -82,14 +82,14 @@ def plan(ctx: Context) -> list[Row]:
 # ----------------------------------------------------------------------------------------- building
 
 
-def build_pair(name: str, device: str = "cpu", seed: int = 0, ours_factory: Callable | None = None):
+def build_pair(name: str, device: str = "cpu", seed: int = 0):
     """(ours, timm's) with identical weights, channels_last, in train mode, on `device`."""
     import timm
 
     from pretrain.models import create_model
 
     torch.manual_seed(seed)
-    ours = (ours_factory or create_model)(name)
+    ours = create_model(name)
     with torch.device("meta"):  # skip timm's init; assign=True adopts copies of our tensors
         theirs = timm.create_model(name, pretrained=False)
     theirs.load_state_dict({k: v.clone() for k, v in ours.state_dict().items()}, strict=True, assign=True)
@@ -143,8 +143,8 @@ def _timer(device: str):
     return timer
 
 
-def measure_case(case: Case, reps: int, warmup: int, log=print, ours_factory: Callable | None = None):
-    ours, theirs = build_pair(case.model, case.device, ours_factory=ours_factory)
+def measure_case(case: Case, reps: int, warmup: int, log=print):
+    ours, theirs = build_pair(case.model, case.device)
     x, y = inputs(case)
     a = make_step(ours, x, y, case.dtype, case.compile)
     b = make_step(theirs, x, y, case.dtype, case.compile)
@@ -175,12 +175,12 @@ def run(ctx: Context, rows: dict[str, Row]) -> None:
 # ----------------------------------------------------------------------------------------- profiling
 
 
-def profile_case(case: Case, steps: int = 3, row_limit: int = 25, ours_factory: Callable | None = None,
+def profile_case(case: Case, steps: int = 3, row_limit: int = 25,
                  sort_by: str = "self_cpu_time_total") -> dict[str, str]:
     """torch.profiler op tables (self time) of ours and timm's, after one warm-up step each."""
     from torch.profiler import ProfilerActivity, profile
 
-    ours, theirs = build_pair(case.model, case.device, ours_factory=ours_factory)
+    ours, theirs = build_pair(case.model, case.device)
     x, y = inputs(case)
     tables = {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device == "cuda" else [])

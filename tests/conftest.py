@@ -25,27 +25,34 @@ def s3_server():
             os.environ[key] = value
 
 
-@pytest.fixture
-def s3_bucket(s3_server):
-    """A fresh bucket; returns its s3:// URL."""
+@pytest.fixture(scope="session")
+def make_bucket(s3_server):
+    """``make_bucket(prefix)`` creates a fresh bucket in the moto server and returns its s3:// URL."""
     from pretrain import storage
 
-    url = f"s3://test-{uuid.uuid4().hex[:12]}"
-    storage.ensure_bucket(url)
-    return url
+    def make(prefix: str = "test") -> str:
+        url = f"s3://{prefix}-{uuid.uuid4().hex[:12]}"
+        storage.ensure_bucket(url)
+        return url
+
+    return make
+
+
+@pytest.fixture
+def s3_bucket(make_bucket):
+    """A fresh bucket; returns its s3:// URL."""
+    return make_bucket()
 
 
 @pytest.fixture(scope="session")
-def synth_shards(s3_server, tmp_path_factory):
+def synth_shards(make_bucket, tmp_path_factory):
     """A learnable synthetic set (10 classes, 32 px) sharded into the moto S3 server, with a holdout set."""
     from data_tools.make_shards import BuildParams, make_shards
     from data_tools.synth import make_dataset
-    from pretrain import storage
 
     root = tmp_path_factory.mktemp("synth")
     make_dataset(str(root / "train"), classes=10, per_class=40, size=32, seed=0, holdout=10)
-    bucket = f"s3://shards-{uuid.uuid4().hex[:10]}"
-    storage.ensure_bucket(bucket)
+    bucket = make_bucket("shards")
     urls = {}
     for split, folder in (("train", "train"), ("holdout", "train_holdout")):
         urls[split] = f"{bucket}/{split}"

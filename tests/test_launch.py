@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -49,10 +48,8 @@ def ray_cluster(s3_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(s3_server):
-    url = f"s3://launch-{uuid.uuid4().hex[:10]}"
-    storage.ensure_bucket(url)
-    return url
+def runs(make_bucket):
+    return make_bucket("launch")
 
 
 def args_for(shards, run_url, *extra):

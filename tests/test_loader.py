@@ -175,3 +175,25 @@ def test_resume_fetches_only_what_is_left_of_a_window(synth_shards, s3_server):
     full_window = shards.read_manifest(url).shards[0].bytes
     # The rest of the first window (10 samples) plus the prefetched next window, not 2 full windows.
     assert tar_bytes < 1.5 * full_window
+
+
+
+@pytest.mark.unit
+def test_per_sample_seeding_is_repeatable_restores_the_caller_and_queues_no_cuda_work():
+    import random
+
+    import numpy as np
+
+    from pretrain.data.loader import _seeded
+
+    tracker = torch.cuda._lazy_seed_tracker
+    queued = tracker.manual_seed_all_cb
+    caller = torch.get_rng_state()
+    draws = []
+    for _ in range(2):
+        with _seeded(123, restore=True):
+            draws.append((random.random(), float(np.random.rand()), torch.rand(3)))
+    assert draws[0][:2] == draws[1][:2] and torch.equal(draws[0][2], draws[1][2])
+    assert torch.equal(torch.get_rng_state(), caller)
+    # torch.manual_seed would queue a CUDA re-seed with a formatted stack trace per sample (~1 ms each)
+    assert tracker.manual_seed_all_cb is queued

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-import uuid
 
 import pytest
 import torch
@@ -65,10 +64,8 @@ def copy_checkpoint(src_run, dst_run, step):
 
 
 @pytest.fixture(scope="module")
-def run_root(s3_server):
-    url = f"s3://runs-{uuid.uuid4().hex[:10]}"
-    storage.ensure_bucket(url)
-    return url
+def run_root(make_bucket):
+    return make_bucket("runs")
 
 
 @pytest.fixture(scope="module")
