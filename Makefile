@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine with python3.11 + pip:
 #   make demo   - create .venv if missing, install, run the end-to-end demo on embedded defaults
 #   make test   - create .venv if missing, install, run the whole test suite
+#   make chaos  - the reliability suite: real faults injected into real runs (docs/reliability.md)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-quick install clean
+.PHONY: demo test chaos bench bench-quick install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+chaos: $(STAMP)
+	$(PY) -m reliability $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)

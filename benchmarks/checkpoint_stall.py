@@ -85,8 +85,10 @@ def _trainer(ctx: Context, model: str):
     """The worker's Trainer: real engine, real CheckpointManager on S3, a real (never iterated) loader."""
     from benchmarks.engine_overhead import build_trainer
     from pretrain import storage
+    from pretrain.checkpoint import CheckpointManager
     from pretrain.config import load_config
     from pretrain.data.loader import TrainLoader
+    from pretrain.resume import DataIdentity
     from pretrain.data.shards import Manifest, ShardInfo
     from pretrain.engine.distributed import init_distributed
     from pretrain.optim import step_plan
@@ -101,12 +103,13 @@ def _trainer(ctx: Context, model: str):
                              "checkpoint.keep_last=2", "schedule.steps=100000", "schedule.warmup_steps=10"])
     trainer = build_trainer(cfg, init_distributed(300.0))  # metrics stay local: no TensorBoard sync to S3
     trainer.cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, url=url))
-    trainer._build_checkpointing()
+    trainer.checkpoints = CheckpointManager(url, cfg.checkpoint, cfg.storage, 0, 1)
     per_shard = 1000
     trainer.manifest = Manifest(
         num_samples=IMAGES, classes=[f"class_{i:04d}" for i in range(CLASSES)], label_source="sorted",
         shards=[ShardInfo(f"shard-{i:06d}.tar", min(per_shard, IMAGES - i * per_shard), 10**8, "0" * 64)
                 for i in range(-(-IMAGES // per_shard))])
+    trainer.data_identity = DataIdentity(cfg.data.train_url, IMAGES, "0" * 64)
     trainer.plan = step_plan(cfg.schedule, IMAGES)
     trainer.loader = TrainLoader(cfg.data.train_url, trainer.manifest, cfg.data, cfg.storage, 0, 1, cfg.run.seed,
                                  CLASSES)

@@ -67,10 +67,10 @@ def build_trainer(cfg, ctx):
 
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.ctx, trainer.stop_requested = cfg, ctx, (lambda: False)
-    trainer.step, trainer.counters = 0, Counter()
+    trainer.step, trainer.data_counters, trainer.step_counters, trainer.data_totals = 0, Counter(), Counter(), {}
     trainer.loss_first = trainer.loss_last = None
-    trainer.last_eval = {}
-    trainer.resumed_from = 0
+    trainer.last_eval, trainer.data_changes = {}, []
+    trainer.resumed_from, trainer.lease, trainer.on_first_step = 0, None, None
     trainer.accum = 1
     trainer.manifest = types.SimpleNamespace(num_samples=1_000_000)
     trainer.plan = step_plan(cfg.schedule, trainer.manifest.num_samples)

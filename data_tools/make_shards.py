@@ -262,7 +262,8 @@ class Executor:
             import ray
 
             if not ray.is_initialized():
-                kwargs: dict[str, Any] = {"address": self.ray_address or None, "include_dashboard": False,
+                # "local": a new Ray on this machine, never one that a stale /tmp/ray file points at
+                kwargs: dict[str, Any] = {"address": self.ray_address or "local", "include_dashboard": False,
                                           "logging_level": logging.WARNING, "log_to_driver": False}
                 if not self.ray_address:
                     kwargs["num_cpus"] = self.workers

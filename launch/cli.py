@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (overrides launch.address)")
     p.add_argument("--launcher", choices=["ray", "torchrun"], default="ray",
                    help="ray (default) or torchrun (one node, no Ray)")
+    p.add_argument("--takeover", action="store_true",
+                   help="take the run's lease if its holder's heartbeat is older than lease.timeout_s")
 
     p = sub.add_parser("submit", help="submit a training job to a Ray cluster through the Jobs API")
     _add_config_args(p)
@@ -63,10 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pretrain.run_errors import FatalRunError
+
     try:
         return _dispatch(args)
     except ConfigError as exc:
         print(f"pretrain {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FatalRunError as exc:
+        print(f"pretrain {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -80,7 +87,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from pretrain.config import load_config
 
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set + (["lease.takeover=true"] if args.takeover else []))
         if args.launcher == "torchrun":
             from launch.torchrun import run_torchrun
 

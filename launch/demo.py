@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "s3://convnext-demo"
+HOLDOUT = f"{BUCKET}/shards/holdout"
 
 
 def say(text: str) -> None:
@@ -102,13 +103,15 @@ def _demo(out: Path, no_kill: bool, started: float) -> int:
                  workers=os.cpu_count() or 1)
     storage.ensure_bucket(BUCKET)
     for split, folder in (("train", "train"), ("holdout", "train_holdout")):
-        url = {"train": cfg.data.train_url, "holdout": cfg.data.eval_url}[split]
+        url = {"train": cfg.data.train_url, "holdout": HOLDOUT}[split]
         say(f"data-tools make-shards {out / 'data' / folder} {url}")
         make_shards(str(out / "data" / folder), url, params=BuildParams(shard_samples=500), progress=False)
 
-    say(f"pretrain train --config configs/demo.toml  ({cfg.launch.num_workers} Ray workers, ZeRO-{cfg.zero.stage} "
+    say(f"pretrain train --config configs/demo.toml --set data.eval_url={HOLDOUT}  ({cfg.launch.num_workers} Ray "
+        f"workers, ZeRO-{cfg.zero.stage} "
         f"{cfg.precision.dtype}, EMA, run.url={cfg.run.url})")
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--config", "configs/demo.toml"],
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", "--config", "configs/demo.toml",
+                             "--set", f"data.eval_url={HOLDOUT}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []

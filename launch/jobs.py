@@ -57,13 +57,22 @@ def submit(args: argparse.Namespace) -> int:
     config_dir.mkdir(exist_ok=True)
     config_path = config_dir / f"{submission_id}.toml"
     config_path.write_text(dump_toml(cfg))
+    env["PRETRAIN_SUBMISSION_ID"] = submission_id  # named in the run's lease
     try:
         client = _client(args.address)
-        client.submit_job(
-            entrypoint=f"python -m launch.cli train --config {SUBMIT_DIR}/{config_path.name} --address auto",
-            submission_id=submission_id,
-            runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env},
-        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.submit_job(
+                    entrypoint=f"python -m launch.cli train --config {SUBMIT_DIR}/{config_path.name} --address auto",
+                    submission_id=submission_id,
+                    runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env},
+                )
+                break
+            except RuntimeError as exc:  # a cluster that has just started has no job agent for a few seconds
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
     finally:
         config_path.unlink(missing_ok=True)
     print(submission_id)

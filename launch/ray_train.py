@@ -15,6 +15,7 @@ placing and restarting workers; it never holds model state, so there are never t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from typing import Any
 
 from pretrain import storage
 from pretrain.config import Config, config_to_dict
-from pretrain.worker import EXIT_CODES
+from pretrain.run_status import RunStatus, exit_code
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,23 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
-def _stop_actor_class():
+def _control_actor_class():
     import ray
 
     @ray.remote(num_cpus=0, max_restarts=-1)
-    class StopSignal:
-        """Set by the driver on SIGTERM/SIGINT; polled by the workers."""
+    class RunControl:
+        """The driver's side of a run, reachable from every worker: the stop flag and the restart policy.
 
-        def __init__(self) -> None:
+        Attempts are worker-group starts. Each rank joins the open attempt when it starts; a failure
+        recorded by any rank closes it. An attempt that a rank joins twice died without a recorded
+        error (a killed process). The failures before progress of the last attempts decide whether
+        a new group may try again (:meth:`join`'s verdict, identical for every rank of an attempt).
+        """
+
+        def __init__(self, max_repeated: int) -> None:
             self.requested = False
+            self.max_repeated = max_repeated
+            self.attempts: list[dict] = []
 
         def set(self) -> None:
             self.requested = True
@@ -56,18 +65,64 @@ def _stop_actor_class():
         def is_set(self) -> bool:
             return self.requested
 
-    return StopSignal
+        def _open(self) -> dict:
+            attempt = {"index": len(self.attempts), "ranks": set(), "progressed": False, "failure": None}
+            self.attempts.append(attempt)
+            return attempt
+
+        def join(self, rank: int) -> tuple[int, str]:
+            """(attempt index, verdict): a non-empty verdict means "do not train, end the run with it"."""
+            attempt = self.attempts[-1] if self.attempts else self._open()
+            if attempt["failure"] is not None or rank in attempt["ranks"]:
+                if attempt["failure"] is None:
+                    attempt["failure"] = ("" if attempt["progressed"] else
+                                          "a worker process died before the first step (killed by a signal or "
+                                          "the OOM killer; see the worker's log)")
+                attempt = self._open()
+            attempt["ranks"].add(rank)
+            return attempt["index"], self._verdict()
+
+        def _verdict(self) -> str:
+            closed = [a for a in self.attempts if a["failure"] is not None]
+            last = closed[-self.max_repeated:]
+            if len(last) < self.max_repeated or any(a["progressed"] for a in last):
+                return ""
+            failures = {a["failure"] for a in last}
+            if len(failures) != 1 or "" in failures:
+                return ""
+            return (f"{failures.pop()} -- the same failure ended {self.max_repeated} (re)starts in a row before "
+                    f"their first step (launch.max_repeated_startup_failures={self.max_repeated}); not restarting")
+
+        def progressed(self, index: int) -> None:
+            self.attempts[index]["progressed"] = True
+
+        def failed(self, index: int, signature: str) -> None:
+            attempt = self.attempts[index]
+            if attempt["failure"] is None:  # the first failure of an attempt is its cause
+                attempt["failure"] = "" if attempt["progressed"] else signature
+
+    return RunControl
 
 
-class _WorkerStopHook:
+def failure_signature(exc: BaseException) -> str:
+    """Type and first line of an error, digits blanked: the same failure on another rank or GPU matches."""
+    import re
+
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {re.sub(r'[0-9]+', '#', text)}"
+
+
+class _WorkerHooks:
     """Polled once per step on every rank (same call count everywhere, as Ray's barrier needs)."""
 
-    def __init__(self, actor_name: str, namespace: str):
+    def __init__(self, actor_name: str, namespace: str, rank: int):
         import ray
 
         self.calls = 0
         self.sigterm = False
         self.actor = ray.get_actor(actor_name, namespace=namespace)
+        self.rank = rank
+        self.attempt, self.verdict = ray.get(self.actor.join.remote(rank))
         _relay_worker_sigterm(self)
 
     def __call__(self) -> bool:
@@ -75,16 +130,29 @@ class _WorkerStopHook:
         import ray.train
 
         self.calls += 1
-        if self.sigterm:
-            return True
         if self.calls % PREEMPTION_POLL_EVERY:
-            return False
-        if ray.get(self.actor.is_set.remote()):
-            return True
-        return ray.train.get_preemption_info() is not None
+            return self.sigterm
+        # get_preemption_info() is a barrier across ranks: every rank calls it on the same steps, whatever
+        # its own flags say (returning early on one rank would leave the others waiting in it).
+        preempted = ray.train.get_preemption_info() is not None
+        return self.sigterm or preempted or bool(ray.get(self.actor.is_set.remote()))
+
+    def on_first_step(self) -> None:
+        import ray
+
+        if self.rank == 0:
+            ray.get(self.actor.progressed.remote(self.attempt))
+
+    def on_failure(self, exc: BaseException) -> None:
+        import ray
+
+        try:
+            ray.get(self.actor.failed.remote(self.attempt, failure_signature(exc)), timeout=30)
+        except Exception:  # the restart policy is best effort; Ray's own failure handling still applies
+            pass
 
 
-def _relay_worker_sigterm(hook: _WorkerStopHook) -> None:
+def _relay_worker_sigterm(hook: _WorkerHooks) -> None:
     """Turn SIGTERM to a Ray worker process into a checkpoint-then-exit request.
 
     Ray's worker main loop exits the process on SIGTERM, and the training function runs in a daemon
@@ -111,27 +179,46 @@ def _relay_worker_sigterm(hook: _WorkerStopHook) -> None:
 def _train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Runs in every Ray Train worker; rank 0's return value reaches the driver.
 
-    Errors that would recur on every restart (a config that does not match the run's checkpoints,
-    corrupt data, a diverged loss) end the run instead of burning FailureConfig retries; every rank
-    reaches the same decision, because the trainer takes them collectively.
+    Errors that would recur on every restart (:data:`pretrain.run_errors.RUN_ENDING`: a config that
+    does not match the run's checkpoints, corrupt data, a diverged loss, a lost lease) end the run
+    instead of burning FailureConfig retries; the trainer takes them collectively, so every rank
+    returns. Other errors restart the group, unless the restart policy (:class:`RunControl`) says the
+    same failure has already ended launch.max_repeated_startup_failures starts before their first step.
     """
-    from pretrain.config import ConfigError
-    from pretrain.trainer import DataQualityError, NonFiniteLossError
+    import ray.train
+
+    from pretrain.run_errors import RUN_ENDING
+    from pretrain.run_status import RunStatus
     from pretrain.worker import train_worker
 
-    hook = _WorkerStopHook(loop_config["stop_actor"], loop_config["namespace"])
+    hooks = _WorkerHooks(loop_config["control_actor"], loop_config["namespace"],
+                         ray.train.get_context().get_world_rank())
+    if hooks.verdict:
+        return {"status": RunStatus.FAILED.value, "error": hooks.verdict}
     try:
-        return train_worker(loop_config["config"], stop_requested=hook)
-    except (ConfigError, DataQualityError, NonFiniteLossError) as exc:
-        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        return train_worker(loop_config["config"], stop_requested=hooks, lease_holder=loop_config["lease_holder"],
+                            on_first_step=hooks.on_first_step)
+    except RUN_ENDING as exc:
+        return {"status": RunStatus.FAILED.value, "error": f"{type(exc).__name__}: {exc}"}
+    except BaseException as exc:
+        hooks.on_failure(exc)
+        raise
 
 
 def _storage_for_ray(cfg: Config) -> tuple[str, Any]:
-    """Ray's own run state (not checkpoints) goes next to the run; S3 through s3fs for custom endpoints."""
+    """Ray's own run state (not checkpoints) goes next to the run; S3 through s3fs for custom endpoints.
+
+    Ray calls this filesystem directly, outside :mod:`pretrain.retry_policy`, so it gets s3fs's and
+    botocore's own retries back (the project's filesystems make one attempt each).
+    """
     if storage.is_remote(cfg.run.url):
+        import s3fs
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        fs, path = storage.filesystem(storage.join(cfg.run.url, "ray"), cfg.storage)
+        options = storage.s3_options(cfg.storage)
+        options["config_kwargs"] = {**options["config_kwargs"], "retries": {"max_attempts": 8, "mode": "adaptive"}}
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        path = storage.join(cfg.run.url, "ray").split("://", 1)[1]
         return path, PyFileSystem(FSSpecHandler(fs))
     path = os.path.abspath(storage.join(cfg.run.url, "ray"))
     os.makedirs(path, exist_ok=True)
@@ -139,12 +226,24 @@ def _storage_for_ray(cfg: Config) -> tuple[str, Any]:
 
 
 def run_training(cfg: Config, address: str | None = None) -> int:
-    """Train on a local or remote Ray cluster; returns the process exit code."""
+    """Train on a local or remote Ray cluster; returns the process exit code.
+
+    Everything that can be checked is checked before Ray starts (:func:`pretrain.preflight.check_run`),
+    and the run's lease is taken here, so a second job on the same run.url never reaches the cluster.
+    """
+    from pretrain.preflight import check_run
+
+    check_run(cfg, on_cuda=cfg.launch.use_gpu)
+    with driver_lease(cfg) as holder:
+        return _run_on_ray(cfg, address, holder)
+
+
+def _run_on_ray(cfg: Config, address: str | None, lease_holder: str) -> int:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    address = address or cfg.launch.address or None
+    address = address or cfg.launch.address or "local"  # "local": a new Ray here, not a stale one
     namespace = "convnext-pretrain"
     env = {**forwarded_env(), "PRETRAIN_PREEMPTION_GRACE_S": str(cfg.launch.preemption_grace_s),
            "RAY_CHDIR_TO_TRIAL_DIR": "0",
@@ -154,16 +253,18 @@ def run_training(cfg: Config, address: str | None = None) -> int:
     if started_here:
         ray.init(address=address, namespace=namespace, runtime_env={"env_vars": env}, log_to_driver=True,
                  logging_level=logging.WARNING)
-    stop_name = f"pretrain-stop-{uuid.uuid4().hex[:10]}"
-    stop_actor = _stop_actor_class().options(name=stop_name, namespace=namespace).remote()
-    previous = _install_driver_signals(stop_actor)
+    control_name = f"pretrain-control-{uuid.uuid4().hex[:10]}"
+    control = _control_actor_class().options(name=control_name, namespace=namespace).remote(
+        cfg.launch.max_repeated_startup_failures)
+    previous = _install_driver_signals(control)
     storage_path, storage_fs = _storage_for_ray(cfg)
     resources = {"CPU": cfg.launch.cpus_per_worker}
     if cfg.launch.use_gpu:
         resources["GPU"] = cfg.launch.gpus_per_worker
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"config": config_to_dict(cfg), "stop_actor": stop_name, "namespace": namespace},
+        train_loop_config={"config": config_to_dict(cfg), "control_actor": control_name, "namespace": namespace,
+                           "lease_holder": lease_holder},
         scaling_config=ScalingConfig(num_workers=cfg.launch.num_workers, use_gpu=cfg.launch.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.launch.placement_strategy),
@@ -183,14 +284,30 @@ def run_training(cfg: Config, address: str | None = None) -> int:
         if started_here:
             ray.shutdown()
     summary = result.return_value
-    if summary["status"] == "failed":
+    if summary["status"] == RunStatus.FAILED.value:
         print(f"pretrain train: {summary['error']}", file=sys.stderr)
     else:
         print_summary(summary)
-    return EXIT_CODES.get(summary["status"], 1)
+    return exit_code(summary["status"])
 
 
-def _install_driver_signals(stop_actor) -> dict:
+@contextlib.contextmanager
+def driver_lease(cfg: Config):
+    """The run's lease, held by the driver for the whole job (all of Ray's restarts); yields the holder id."""
+    from pretrain.lease import Lease
+
+    if not cfg.lease.enabled:
+        yield ""
+        return
+    lease = Lease(cfg.run.url, cfg.lease, cfg.storage).acquire()
+    lease.start_heartbeat()
+    try:
+        yield lease.holder
+    finally:
+        lease.release()
+
+
+def _install_driver_signals(control) -> dict:
     """First SIGTERM/SIGINT: ask the workers to checkpoint and stop. A second SIGINT aborts."""
     seen = {"count": 0}
 
@@ -200,7 +317,7 @@ def _install_driver_signals(stop_actor) -> dict:
             raise KeyboardInterrupt
         print(f"pretrain train: received {signal.Signals(signum).name}; workers will commit a checkpoint "
               "and stop (run the same command again to resume)", file=sys.stderr, flush=True)
-        stop_actor.set.remote()
+        control.set.remote()
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):

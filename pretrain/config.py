@@ -11,6 +11,7 @@ every run as plain TOML (``config_to_dict`` / ``dump_toml``), never as a pickled
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
 import types
 import typing
@@ -25,6 +26,10 @@ from pretrain.models.registry import VARIANTS
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or impossible; the message names the key."""
+
+
+class ResumeMismatch(ConfigError):
+    """The run.url holds checkpoints this run cannot continue as configured (other shapes, other data...)."""
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -42,6 +47,9 @@ class RunConfig:
     """Seeds model init, data order, augmentation and mixup."""
     allow_config_change: bool = False
     """Resume even if the run's stored config differs from this one (model shapes must still match)."""
+    allow_data_change: bool = False
+    """Resume on a different shard set: model, optimizer, EMA, LR position and step continue; the loader
+    starts a fresh seeded epoch order on the new set at that step (recorded in the checkpoint manifest)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.url.strip()), "run.url", "must be a local path or an s3:// URL, got an empty string")
@@ -113,11 +121,9 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     max_skip_fraction: float = 0.01
     """Stop the run when more than this fraction of read samples had to be skipped as corrupt."""
-    read_retries: int = 5
-    """Attempts per shard read on transient storage errors before the range is reported and skipped."""
 
     def __post_init__(self) -> None:
-        for key in ("image_size", "micro_batch_size", "prefetch_factor", "shuffle_window", "read_retries"):
+        for key in ("image_size", "micro_batch_size", "prefetch_factor", "shuffle_window"):
             _check(getattr(self, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(self, key)}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(0 < self.scale[0] <= self.scale[1] <= 1, "data.scale", f"must satisfy 0 < min <= max <= 1, got {self.scale}")
@@ -131,8 +137,53 @@ class DataConfig:
                f"{self.micro_batch_size}")
         _check(0 < self.crop_pct <= 1, "data.crop_pct", f"must be in (0, 1], got {self.crop_pct}")
         _check(all(s > 0 for s in self.std), "data.std", f"must be positive, got {self.std}")
-        _check(self.randaugment == "" or self.randaugment.startswith(("rand-", "augmix-", "original", "v0")),
-               "data.randaugment", f"must be a timm policy such as 'rand-m9-mstd0.5-inc1' or '', got {self.randaugment!r}")
+        if self.randaugment:
+            _check_augment_policy(self.randaugment)
+
+
+# Sections timm's parsers understand; timm silently ignores a section without digits ('rand-zz' would
+# train with the default RandAugment), so the grammar is checked here before timm parses the numbers.
+_AUGMENT_SECTIONS = {"rand": {"m": int, "n": int, "p": float, "mstd": float, "mmax": int, "inc": int},
+                     "augmix": {"m": int, "w": int, "d": int, "a": float, "b": float, "mstd": float}}
+_RAND_TRANSFORM_SETS = ("weights", "3aw", "3a")
+_AUGMENT_HELP = ("valid examples: 'rand-m9-mstd0.5-inc1', 'rand-m9-n2-tweights', 'augmix-m5-w3', 'original', "
+                 "'v0r', or '' to disable")
+
+
+@functools.lru_cache(maxsize=64)
+def _check_augment_policy(policy: str) -> None:
+    """Parse the policy strictly, then with timm: now, not inside the workers after the cluster started."""
+    import re
+
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    family, *sections = policy.split("-")
+    for section in sections if family in _AUGMENT_SECTIONS else ():
+        if family == "rand" and section.startswith("t") and not section[1:2].isdigit():
+            _check(section[1:] in _RAND_TRANSFORM_SETS, "data.randaugment",
+                   f"unknown transform set {section[1:]!r} in {policy!r}; valid: {list(_RAND_TRANSFORM_SETS)}")
+            continue
+        match = re.fullmatch(r"([a-z]+)(\d.*)", section)
+        kinds = _AUGMENT_SECTIONS[family]
+        ok = match is not None and match.group(1) in kinds
+        if ok:
+            try:
+                kinds[match.group(1)](match.group(2))
+            except ValueError:
+                ok = False
+        _check(ok, "data.randaugment", f"section {section!r} of {policy!r} is not one of "
+                                       f"{sorted(kinds)} followed by a number; {_AUGMENT_HELP}")
+    hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
+    try:
+        if family == "rand":
+            rand_augment_transform(policy, hparams)
+        elif family == "augmix":
+            augment_and_mix_transform(policy, hparams)
+        else:  # timm's create_transform sends every other string to AutoAugment
+            auto_augment_transform(policy, hparams)
+    except Exception as exc:  # timm raises AssertionError, KeyError or ValueError for bad parts
+        raise ConfigError(f"data.randaugment: timm cannot parse {policy!r} ({type(exc).__name__}: {exc}); "
+                          f"{_AUGMENT_HELP}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,8 +294,6 @@ class CheckpointConfig:
     """Additionally keep every checkpoint whose step is a multiple of this (0 = none)."""
     async_upload: bool = True
     """Upload in a background thread; training blocks only for the in-memory snapshot."""
-    upload_retries: int = 5
-    retry_backoff_s: float = 1.0
     commit_timeout_s: float = 1800.0
     """How long rank 0 waits for every rank's files before the save is declared failed."""
     staging_dir: str = ""
@@ -254,7 +303,6 @@ class CheckpointConfig:
         _check(self.every_steps >= 1, "checkpoint.every_steps", f"must be >= 1, got {self.every_steps}")
         _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
         _check(self.keep_every_steps >= 0, "checkpoint.keep_every_steps", "must be >= 0 (0 = off)")
-        _check(self.upload_retries >= 0, "checkpoint.upload_retries", "must be >= 0")
         _check(self.commit_timeout_s > 0, "checkpoint.commit_timeout_s", "must be > 0")
 
 
@@ -298,6 +346,9 @@ class LaunchConfig:
     """Ray cluster to join ('auto', 'ray://host:10001', host:port); empty starts a local Ray."""
     max_failures: int = 3
     """Worker-group restarts after a lost worker before the run fails (-1 = unlimited)."""
+    max_repeated_startup_failures: int = 3
+    """End the run (exit 2) when this many (re)starts in a row fail before their first step with the same
+    error: a deterministic failure (CUDA OOM, NCCL init, S3 denied) is not retried forever."""
     collective_timeout_s: float = 1800.0
     """A collective that waits longer than this fails the step (a hung or dead rank)."""
     preemption_grace_s: float = 120.0
@@ -310,6 +361,7 @@ class LaunchConfig:
         _check(self.cpus_per_worker > 0, "launch.cpus_per_worker", "must be > 0")
         _check(self.gpus_per_worker > 0, "launch.gpus_per_worker", "must be > 0")
         _check(self.max_failures >= -1, "launch.max_failures", "must be >= 0, or -1 for unlimited")
+        _check(self.max_repeated_startup_failures >= 1, "launch.max_repeated_startup_failures", "must be >= 1")
         _check(self.collective_timeout_s > 0, "launch.collective_timeout_s", "must be > 0")
         _check(self.preemption_grace_s > 0, "launch.preemption_grace_s", "must be > 0")
 
@@ -322,10 +374,43 @@ class StorageConfig:
     profile: str = ""
     """AWS shared-config profile; credentials are never stored in this config."""
     anon: bool = False
+    retries: int = 8
+    """Retries of one storage call on transient errors (5xx, throttling, resets, timeouts); permanent
+    errors (403, 404, 416, ...) are never retried. Backoff: capped exponential with full jitter."""
+    retry_base_s: float = 0.2
+    retry_max_s: float = 20.0
+    connect_timeout_s: float = 20.0
+    read_timeout_s: float = 120.0
+    multipart_chunk_mb: int = 50
+    """Uploads larger than twice this go to S3 as multipart uploads of parts this size (S3 minimum: 5)."""
 
     def __post_init__(self) -> None:
         _check(self.endpoint_url == "" or self.endpoint_url.startswith(("http://", "https://")),
                "storage.endpoint_url", f"must start with http:// or https://, got {self.endpoint_url!r}")
+        _check(self.retries >= 0, "storage.retries", f"must be >= 0, got {self.retries}")
+        _check(0 < self.retry_base_s <= self.retry_max_s, "storage.retry_base_s/retry_max_s",
+               f"must satisfy 0 < retry_base_s <= retry_max_s, got {self.retry_base_s}, {self.retry_max_s}")
+        _check(self.connect_timeout_s > 0 and self.read_timeout_s > 0, "storage.connect_timeout_s/read_timeout_s",
+               "must be > 0")
+        _check(5 <= self.multipart_chunk_mb <= 5120, "storage.multipart_chunk_mb",
+               f"must be in 5..5120 (S3's part size limits), got {self.multipart_chunk_mb}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseConfig:
+    enabled: bool = True
+    """One job per run.url: a lease object (<run.url>/lease.json) written with conditional writes."""
+    heartbeat_s: float = 30.0
+    """How often the driver and rank 0 renew the lease."""
+    timeout_s: float = 600.0
+    """A lease whose last heartbeat is older than this may be taken over (with takeover)."""
+    takeover: bool = False
+    """Take a lease whose heartbeat is older than timeout_s (`pretrain train --takeover`)."""
+
+    def __post_init__(self) -> None:
+        _check(self.heartbeat_s > 0, "lease.heartbeat_s", f"must be > 0, got {self.heartbeat_s}")
+        _check(self.timeout_s >= 3 * self.heartbeat_s, "lease.timeout_s",
+               f"must be >= 3 x lease.heartbeat_s = {3 * self.heartbeat_s:g}, got {self.timeout_s:g}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +428,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
 
     def __post_init__(self) -> None:
         grad_accum_steps(self.schedule, self.data, self.launch.num_workers)
@@ -364,10 +450,10 @@ def grad_accum_steps(schedule: ScheduleConfig, data: DataConfig, num_workers: in
 
 
 # Keys that may change between a checkpoint and the run resuming it (elastic resume, new cluster, logging).
-RESUMABLE_CHANGES = ("run.allow_config_change", "run.name", "run.url", "data.num_workers", "data.prefetch_factor",
-                     "data.micro_batch_size", "data.train_url", "data.eval_url", "data.read_retries",
-                     "data.max_skip_fraction",
-                     "zero.", "checkpoint.", "logging.", "eval.", "launch.", "storage.", "optim.implementation")
+RESUMABLE_CHANGES = ("run.allow_config_change", "run.allow_data_change", "run.name", "run.url", "data.num_workers",
+                     "data.prefetch_factor", "data.micro_batch_size", "data.train_url", "data.eval_url",
+                     "data.max_skip_fraction", "zero.", "checkpoint.", "logging.", "eval.", "launch.", "storage.",
+                     "lease.", "optim.implementation")
 
 
 # --------------------------------------------------------------------------------------------------

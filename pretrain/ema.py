@@ -43,9 +43,3 @@ class ShardedEma:
             return
         # ema <- ema + (1 - decay) * (master - ema)
         torch._foreach_lerp_(self.tensors, masters, 1.0 - self.last_decay)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f.key: t for f, t in zip(self.fragments, self.tensors)}
-
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)

@@ -1,87 +1,139 @@
 """The training worker's loop: one DeepSpeed engine per process, sharded EMA, checkpoints, metrics.
 
 ``Trainer`` is launcher-agnostic: torchrun, the DeepSpeed launcher and Ray Train workers all run
-it through :func:`pretrain.worker.train_worker`. It never imports Ray.
+it through :func:`pretrain.worker.train_worker`. It never imports Ray. Start-up order matters and is
+the integrity contract: check the data and the config, take (or continue) the run's lease, list the
+checkpoints and decide how to resume (:mod:`pretrain.resume`), and only then build the engine and
+copy state in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from pretrain import storage
+from pretrain import resume, state_format, storage
 from pretrain.checkpoint import CheckpointError, CheckpointManager, RankSnapshot, rng_state, set_rng_state
-from pretrain.config import Config, ConfigError, config_diff, config_to_dict, dump_toml, grad_accum_steps
-from pretrain.data.loader import EvalLoader, TrainLoader, merge_rank_states
+from pretrain.config import Config, config_to_dict, dump_toml, grad_accum_steps
+from pretrain.data.loader import EvalLoader, TrainLoader
 from pretrain.data.order import derive_seed
-from pretrain.data.shards import read_manifest
+from pretrain.data.reader import SKIP_REASONS
 from pretrain.data.transforms import build_mixup, smooth_one_hot
 from pretrain.ema import ShardedEma
 from pretrain.engine import deepspeed as ds
-from pretrain.engine.distributed import DistContext, all_reduce_sum, any_rank, broadcast_object
+from pretrain.engine.distributed import DistContext, all_gather_object, all_reduce_sum, any_rank, on_rank0
 from pretrain.evaluate import evaluate, in1k_subset
+from pretrain.lease import Lease
 from pretrain.metrics import MetricsSink, StepTimes, device_peak_flops, format_duration, memory_bytes
 from pretrain.models import create_model
 from pretrain.models.flops import flops_per_image
 from pretrain.models.weights import load_weights
 from pretrain.objectives import soft_target_cross_entropy
 from pretrain.optim import build_optimizer, lr_at, step_plan
+from pretrain.preflight import check_run
+from pretrain.run_errors import FatalRunError
+from pretrain.run_status import RunStatus
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FatalRunError):
     """Too many consecutive micro-batches produced a NaN/inf loss."""
 
 
-class DataQualityError(RuntimeError):
+class DataQualityError(FatalRunError):
     """More than data.max_skip_fraction of the samples read had to be skipped."""
 
 
+@dataclass
+class _Loaded:
+    """A checkpoint's tensors fetched and verified by this rank, not yet copied into the engine."""
+
+    exact: bool
+    tensors: dict[int, dict[str, torch.Tensor]]
+    private: dict[str, Any] | None
+    plan: list[list[state_format.Piece]] | None
+
+
 class Trainer:
-    def __init__(self, cfg: Config, ctx: DistContext, stop_requested: Callable[[], bool] = lambda: False):
+    def __init__(self, cfg: Config, ctx: DistContext, stop_requested: Callable[[], bool] = lambda: False,
+                 lease_holder: str = "", on_first_step: Callable[[], None] | None = None):
         self.cfg, self.ctx, self.stop_requested = cfg, ctx, stop_requested
+        self.on_first_step = on_first_step
         self.step = 0
-        self.counters: Counter = Counter()
+        self.data_counters: Counter = Counter()
+        """This rank's: samples_read and skipped/<reason>; saved per rank, summed over ranks when reported."""
+        self.step_counters: Counter = Counter()
+        """The same on every rank: nonfinite_skipped, fp16_overflow_steps, nonfinite_in_row."""
+        self.data_totals: dict[str, float] = {}
         self.loss_first: float | None = None
         self.loss_last: float | None = None
         self.last_eval: dict[str, Any] = {}
+        self.data_changes: list[dict[str, Any]] = []
+        self.resumed_from: int | None = None
+        self.lease: Lease | None = None
+        self._own_lease = not lease_holder  # released by the trainer only when no driver holds it
         self._build_data()
-        self._build_checkpointing()
-        candidates, newest = self._resumable_steps()  # fails fast on a mismatched config
+        self._take_lease(lease_holder)
+        try:
+            self._start()
+        except BaseException:
+            self._release_lease()
+            raise
+
+    def _start(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        self.checkpoints = CheckpointManager(cfg.run.url, cfg.checkpoint, cfg.storage, ctx.rank, ctx.world_size,
+                                             fence=self.lease.verify if self.lease is not None else None)
+        # Leftovers of interrupted saves are removed only while this job holds the run's lease.
+        self.scan = resume.scan(self.checkpoints, may_clean=cfg.lease.enabled)
+        newest = resume.next_candidate(self.checkpoints, self.scan, below=None)
         self.metrics = MetricsSink(cfg.run.url, cfg.logging, cfg.storage, enabled=ctx.is_main)
-        if newest and newest.get("finished") and newest["step"] >= self.plan.total_steps:
-            self.step = self.resumed_from = newest["step"]  # nothing to train: skip the engine entirely
-            return
+        if newest is not None:
+            resume.check_compatible(cfg, newest.manifest, self.data_identity)  # fails fast, before any build
+            if newest.manifest.get("finished") and newest.manifest["step"] >= self.plan.total_steps:
+                self.step = self.resumed_from = newest.manifest["step"]  # nothing to train: no engine at all
+                return
+        elif self.scan.committed:
+            raise resume.NoUsableCheckpoint(self._no_usable_message())
         self._build_engine()
-        self.resumed_from = self._restore(candidates)
+        self.resumed_from = self._restore(newest)
 
     # ----------------------------------------------------------------------------- building
 
     def _build_data(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        if not cfg.data.train_url:
-            raise ConfigError("data.train_url: empty; point it at a shard set built by `data-tools make-shards`")
-        if cfg.precision.dtype == "fp16" and ctx.device.type != "cuda":
-            raise ConfigError("precision.dtype: DeepSpeed supports fp16 (with loss scaling) only on CUDA devices; "
-                              "use bf16 or fp32 on CPU")
-        self.manifest = read_manifest(cfg.data.train_url, cfg.storage)
-        if self.manifest.num_classes != cfg.model.num_classes:
-            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the shards at {cfg.data.train_url} "
-                              f"have {self.manifest.num_classes} classes")
+        # one read of the shard manifests, not one per rank
+        datasets = on_rank0(lambda: check_run(cfg, on_cuda=ctx.device.type == "cuda"))
+        self.manifest, self.eval_manifest = datasets.train, datasets.eval
+        digest = hashlib.sha256(self.manifest.to_json().encode()).hexdigest()  # once: ~60 ms for a 22k set
+        self.data_identity = resume.DataIdentity(cfg.data.train_url, self.manifest.num_samples, digest)
         self.accum = grad_accum_steps(cfg.schedule, cfg.data, ctx.world_size)
         self.plan = step_plan(cfg.schedule, self.manifest.num_samples)
         self.loader = TrainLoader(cfg.data.train_url, self.manifest, cfg.data, cfg.storage, ctx.rank,
                                   ctx.world_size, cfg.run.seed, cfg.model.num_classes,
                                   pin_memory=ctx.device.type == "cuda")
         self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
-        self.eval_manifest = read_manifest(cfg.data.eval_url, cfg.storage) if cfg.data.eval_url else None
+
+    def _take_lease(self, holder: str) -> None:
+        """Rank 0 takes the run's lease (or continues the driver's); every rank learns the outcome."""
+        if not self.cfg.lease.enabled:
+            return
+        def take() -> Lease:
+            lease = Lease(self.cfg.run.url, self.cfg.lease, self.cfg.storage, holder=holder)
+            lease.adopt() if holder else lease.acquire()
+            lease.start_heartbeat()
+            return lease
+
+        self.lease = on_rank0(take, share=False)
 
     def _build_engine(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -95,6 +147,7 @@ class Trainer:
         # Parameters stay contiguous: ZeRO flattens them into shared buffers. Inputs (and so every
         # activation) are channels_last when model.channels_last is set.
         model = model.to(ctx.device)
+        self.model_shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
         self.flops_per_image = flops_per_image(model, cfg.data.image_size)
         optimizer = build_optimizer(model, cfg.optim, on_cuda=ctx.device.type == "cuda")
         ds.quiet_deepspeed_logging()
@@ -106,172 +159,149 @@ class Trainer:
         self.ema = ShardedEma(cfg.ema, self.fragments) if cfg.ema.enabled else None
         torch.manual_seed(derive_seed(cfg.run.seed, "train", ctx.rank))  # per-rank stochastic depth
 
-    def _build_checkpointing(self) -> None:
-        self.checkpoints = CheckpointManager(
-            self.cfg.run.url, self.cfg.checkpoint, self.cfg.storage, self.ctx.rank, self.ctx.world_size,
-            merge_markers=lambda markers: {"loader": merge_rank_states([m["loader"] for m in markers])})
-
     # ----------------------------------------------------------------------------- resume
 
-    def _resumable_steps(self) -> tuple[list[int], dict[str, Any] | None]:
-        """Committed checkpoint steps and the newest manifest (rank 0 first removes leftovers)."""
-        steps = None
-        if self.ctx.is_main:
-            removed = self.checkpoints.cleanup_uncommitted()
-            if removed:
-                log.warning("removed uncommitted checkpoint leftovers at steps %s", removed)
-            steps = self.checkpoints.committed_steps()
-        steps = broadcast_object(steps)
-        newest = None
-        for step in reversed(steps):  # the newest manifest that reads back (restore re-verifies)
-            try:
-                newest = self.checkpoints.read_manifest(step)
-                break
-            except (CheckpointError, FileNotFoundError, ValueError) as exc:
-                log.error("checkpoint step %d is unreadable (%s)", step, exc)
-        if newest is not None:
-            self._check_compatible(newest)
-        return steps, newest
+    def _restore(self, candidate: resume.Candidate | None) -> int | None:
+        """Load the newest committed checkpoint every rank can verify; None for a fresh run.
 
-    def _restore(self, steps: list[int]) -> int | None:
-        """Load the newest committed checkpoint that verifies on every rank; None for a fresh run."""
+        Compatibility is checked from the manifest, then each rank fetches and verifies its files, and
+        only when every rank succeeded is anything copied: a failed attempt leaves no partial state.
+        """
         ctx = self.ctx
-        for step in reversed(steps):
-            error = ""
+        while candidate is not None:
+            data_change = resume.check_compatible(self.cfg, candidate.manifest, self.data_identity)
+            resume.check_shapes(candidate.manifest, self.model_shapes, self.cfg)
+            error, loaded = "", None
             try:
-                manifest = self.checkpoints.read_manifest(step)
-                self._check_compatible(manifest)
-                self._load(step, manifest)
-            except (CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
-                if isinstance(exc, ConfigError):
-                    raise
+                loaded = self._fetch(candidate)
+            except (CheckpointError, state_format.StateFormatError, OSError, KeyError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
-            if not any_rank(bool(error), ctx.device):
+            errors = [e for e in all_gather_object(error) if e]
+            if not errors:
+                self._apply(candidate, loaded, data_change)
                 if ctx.is_main:
-                    log.info("resumed from %s (step %d)", self.checkpoints.step_url(step), step)
-                return step
-            log.error("checkpoint step %d cannot be loaded (%s); trying an older one", step,
-                      error or "failed on another rank")
+                    log.info("resumed from %s (step %d)", self.checkpoints.url(candidate.where), self.step)
+                return self.step
+            if ctx.is_main:
+                self.scan.unusable.append(f"{candidate.where.name}: {errors[0]}")
+                log.error("checkpoint %s is unusable (%s); trying an older one",
+                          self.checkpoints.url(candidate.where), "; ".join(sorted(set(errors))))
+            candidate = resume.next_candidate(self.checkpoints, self.scan, below=candidate.where)
+        if self.scan.committed:
+            raise resume.NoUsableCheckpoint(self._no_usable_message())
         return None
 
-    def _check_compatible(self, manifest: dict[str, Any]) -> None:
-        old, new = manifest.get("config", {}), config_to_dict(self.cfg)
-        diffs = config_diff(old, new)
-        if diffs and not self.cfg.run.allow_config_change:
-            raise ConfigError(
-                f"run.url {self.cfg.run.url} holds checkpoints of a different configuration:\n  "
-                + "\n  ".join(diffs) + "\nUse a new run.url, or set run.allow_config_change=true to resume anyway.")
-        if old.get("model", {}).get("name") != new["model"]["name"] or \
-                old.get("model", {}).get("num_classes") != new["model"]["num_classes"]:
-            raise ConfigError(f"the checkpoint at {self.cfg.run.url} is a {old.get('model')} model; this run "
-                              f"builds {new['model']['name']} with {new['model']['num_classes']} classes")
+    def _no_usable_message(self) -> str:
+        return (f"run.url {self.cfg.run.url} holds committed checkpoints {[d.name for d in self.scan.committed]} "
+                f"but none can be loaded ({'; '.join(self.scan.unusable) or 'see the log'}); nothing was "
+                "trained or changed. Restore the files, or use a new run.url to start over.")
+
+    def _fetch(self, candidate: resume.Candidate) -> _Loaded:
+        """This rank's part of a checkpoint, fetched and verified (no tensor of the engine is touched)."""
+        where, manifest, rank = candidate.where, candidate.manifest, self.ctx.rank
+        saved = state_format.rank_tables(r["fragments"] for r in manifest["ranks"])
+        kinds = [state_format.MASTER, *ds.ADAM_STATES] + ([state_format.EMA] if self.ema else [])
+        if manifest["world_size"] == self.ctx.world_size and state_format.is_exact(saved[rank], self.fragments):
+            tensors = self.checkpoints.fetch_tensors(where, manifest, rank)
+            state_format.check_complete(tensors, saved[rank], kinds)
+            private = self.checkpoints.fetch_private(where, manifest, rank)
+            if "rng" not in private or "rng/torch" not in tensors:
+                raise CheckpointError(f"{where.name}: rank {rank}'s RNG state is missing")
+            return _Loaded(True, {rank: tensors}, private, None)
+        plan = state_format.resharding_plan(saved, self.fragments)
+        tensors = {}
+        for r in state_format.ranks_needed(plan):
+            tensors[r] = self.checkpoints.fetch_tensors(where, manifest, r)
+            state_format.check_complete(tensors[r], saved[r], kinds)
+        return _Loaded(False, tensors, None, plan)
 
     @torch.no_grad()
-    def _load(self, step: int, manifest: dict[str, Any]) -> None:
-        ctx, ckpt = self.ctx, self.checkpoints
-        saved_world = manifest["world_size"]
-        own_meta = ckpt.fetch_rank_meta(step, manifest, ctx.rank) if ctx.rank < saved_world else None
-        own_keys = [f"{n}#{s}" for n, _, s, _ in own_meta["fragments"]] if own_meta else None
-        exact = saved_world == ctx.world_size and own_keys == [f.key for f in self.fragments]
-        if exact:
-            tensors = ckpt.fetch_tensors(step, manifest, ctx.rank)
-            for f, ema in zip(self.fragments, self.ema.tensors if self.ema else [None] * len(self.fragments)):
-                f.master.copy_(tensors[f"master/{f.key}"])
-                for k, v in f.states.items():
-                    v.copy_(tensors[f"{k}/{f.key}"])
-                if ema is not None:
-                    ema.copy_(tensors.get(f"ema/{f.key}", tensors[f"master/{f.key}"]))
-            set_rng_state(own_meta["rng"], tensors)
+    def _apply(self, candidate: resume.Candidate, loaded: _Loaded, data_change: dict | None) -> None:
+        manifest, ctx = candidate.manifest, self.ctx
+        emas = self.ema.tensors if self.ema else None
+        step = manifest["step"]
+        if loaded.exact:
+            state_format.load_exact(self.fragments, emas, loaded.tensors[ctx.rank])
+            set_rng_state(loaded.private["rng"], loaded.tensors[ctx.rank])
+            ds.load_loss_scaler_state(self.engine, loaded.private.get("loss_scaler", {}))
+            self.data_counters = Counter(manifest["ranks"][ctx.rank]["counters"])
         else:
-            self._load_resharded(step, manifest)
+            state_format.load_resharded(self.fragments, emas, loaded.plan, loaded.tensors)
             torch.manual_seed(derive_seed(self.cfg.run.seed, "train", ctx.rank, step))
+            ds.load_loss_scaler_state(self.engine, manifest.get("loss_scaler", {}))
+            # Another world size: the totals must survive, not each rank's share of them.
+            totals = sum((Counter(r["counters"]) for r in manifest["ranks"]), Counter())
+            self.data_counters = totals if ctx.is_main else Counter()
         ds.set_optimizer_step_count(self.engine, manifest["optimizer_step"])
         ds.refresh_lp_params(self.engine)
-        if own_meta:
-            ds.load_loss_scaler_state(self.engine, own_meta.get("loss_scaler", {}))
-        self.loader.load_state_dict(manifest["loader"])
+        self.data_changes = list(manifest.get("data_changes", []))
+        if data_change is None:
+            self.loader.load_state_dict(manifest["loader"], [r["loader"] for r in manifest["ranks"]])
+        else:  # run.allow_data_change: a fresh seeded epoch order on the new shard set, from this step
+            self.data_changes.append(data_change)
+            if ctx.is_main:
+                log.warning("continuing on another shard set from step %d: %s -> %s", step, data_change["from"],
+                            data_change["to"])
         self.step = step
         self.engine.global_steps = step
         self.engine.global_samples = step * self.cfg.schedule.global_batch_size
-        self.counters = Counter(manifest.get("counters", {}))
+        self.step_counters = Counter(manifest.get("counters", {}))
         self.loss_first = manifest.get("metrics", {}).get("loss_first")
-
-    def _load_resharded(self, step: int, manifest: dict[str, Any]) -> None:
-        """Fill this rank's fragments from whichever saved fragments overlap them (elastic resume)."""
-        ckpt = self.checkpoints
-        pieces: dict[str, list[tuple[int, int, int]]] = {}
-        for rank in range(manifest["world_size"]):
-            for name, _, start, numel in ckpt.fetch_rank_meta(step, manifest, rank)["fragments"]:
-                pieces.setdefault(name, []).append((start, numel, rank))
-        cache: dict[int, dict[str, torch.Tensor]] = {}
-        emas = self.ema.tensors if self.ema else [None] * len(self.fragments)
-        for f, ema in zip(self.fragments, emas):
-            covered = 0
-            for start, numel, rank in pieces.get(f.name, []):
-                lo, hi = max(start, f.start), min(start + numel, f.start + f.numel)
-                if lo >= hi:
-                    continue
-                if rank not in cache:
-                    cache[rank] = ckpt.fetch_tensors(step, manifest, rank)
-                src = cache[rank]
-                dst = slice(lo - f.start, hi - f.start)
-                part = slice(lo - start, hi - start)
-                key = f"{f.name}#{start}"
-                f.master[dst] = src[f"master/{key}"][part]
-                for k, v in f.states.items():
-                    v[dst] = src[f"{k}/{key}"][part]
-                if ema is not None:
-                    ema[dst] = src.get(f"ema/{key}", src[f"master/{key}"])[part]
-                covered += hi - lo
-            if covered != f.numel:
-                raise CheckpointError(f"{f.name}[{f.start}:{f.start + f.numel}]: checkpoint covers {covered} of "
-                                      f"{f.numel} elements (is it from a different model?)")
 
     # ----------------------------------------------------------------------------- saving
 
     def _snapshot(self, finished: bool) -> RankSnapshot:
-        tensors: dict[str, torch.Tensor] = {}
-        emas = self.ema.tensors if self.ema else [None] * len(self.fragments)
-        with torch.no_grad():
-            for f, ema in zip(self.fragments, emas):
-                tensors[f"master/{f.key}"] = f.master.detach().to("cpu", copy=True)
-                for k, v in f.states.items():
-                    tensors[f"{k}/{f.key}"] = v.detach().to("cpu", copy=True)
-                if ema is not None:
-                    tensors[f"ema/{f.key}"] = ema.to("cpu", copy=True)
+        tensors = state_format.snapshot(self.fragments, self.ema.tensors if self.ema else None)
         rng_meta, rng_tensors = rng_state()
         tensors.update(rng_tensors)
-        meta = {"fragments": [[f.name, list(f.shape), f.start, f.numel] for f in self.fragments],
-                "rng": rng_meta, "loader": self.loader.state_dict(),
-                "loss_scaler": ds.loss_scaler_state(self.engine)}
+        private = {"rng": rng_meta, "loss_scaler": ds.loss_scaler_state(self.engine)}
+        shared = {"fragments": state_format.table(self.fragments), "counters": dict(self.data_counters),
+                  "loader": self.loader.state_dict()}
         run_meta: dict[str, Any] = {}
         if self.ctx.is_main:
+            gbs = self.cfg.schedule.global_batch_size
+            origin = self.data_changes[-1]["step"] if self.data_changes else 0
             run_meta = {"config": config_to_dict(self.cfg), "optimizer_step": ds.optimizer_step_count(self.engine),
                         "total_steps": self.plan.total_steps, "finished": finished,
-                        "epoch": self.step * self.cfg.schedule.global_batch_size / self.manifest.num_samples,
-                        "counters": dict(self.counters), "classes": self.manifest.classes,
-                        "data": {"train_url": self.cfg.data.train_url, "num_samples": self.manifest.num_samples,
-                                 "label_source": self.manifest.label_source,
-                                 "manifest_sha256": self.manifest_sha256()},
+                        "epoch": (self.step - origin) * gbs / self.manifest.num_samples,
+                        "counters": dict(self.step_counters), "classes": self.manifest.classes,
+                        "data": {**self.data_identity.to_dict(), "label_source": self.manifest.label_source},
+                        "data_changes": self.data_changes, "loader": self.loader.shared_state(),
+                        "loss_scaler": ds.loss_scaler_state(self.engine),
                         "metrics": {"loss_first": self.loss_first, "loss_last": self.loss_last, **self.last_eval}}
-        return RankSnapshot(self.step, self.ctx.rank, self.ctx.world_size, tensors, meta, run_meta)
-
-    def manifest_sha256(self) -> str:
-        """Digest of the data manifest, computed once: encoding a 22k manifest costs ~60 ms per save."""
-        import hashlib
-
-        digest = getattr(self, "_manifest_sha256", None)
-        if digest is None:
-            digest = self._manifest_sha256 = hashlib.sha256(self.manifest.to_json().encode()).hexdigest()
-        return digest
+        return RankSnapshot(self.step, self.ctx.rank, self.ctx.world_size, tensors, private, shared, run_meta)
 
     def save(self, finished: bool = False, blocking: bool = False) -> float:
-        """Checkpoint the current step; returns the seconds training was blocked."""
+        """Checkpoint the current step; returns the seconds training was blocked.
+
+        Every rank calls it at the same step, so the ranks agree here on whether any save failed.
+        """
         started = time.perf_counter()
-        self.checkpoints.save(self._snapshot(finished), blocking=blocking)
+        error: BaseException | None = None
+        try:
+            self.checkpoints.save(self._snapshot(finished), blocking=blocking)  # waits for the previous upload
+        except (CheckpointError, FatalRunError) as exc:
+            error = exc
+        self._agree_on_checkpoints(error)
         if blocking:
             torch.distributed.barrier()  # rank 0 returns only after the manifest is committed
         return time.perf_counter() - started
+
+    def _agree_on_checkpoints(self, error: BaseException | None, flags: list[float] | None = None) -> None:
+        """Raise on every rank if a save failed on any: a rank alone in an error would leave the others
+        waiting in a collective. Fatal failures (a full staging disk, a lost lease) end the run."""
+        if flags is None:
+            flags = all_reduce_sum([float(error is not None), float(isinstance(error, FatalRunError))], self.ctx.device)
+        failed, fatal = flags
+        if not failed:
+            return
+        if error is not None:
+            raise error
+        if fatal:
+            raise CheckpointFailedElsewhere(f"a checkpoint save failed on another rank with an error a restart "
+                                            f"would not fix (see that rank's log); {self.cfg.run.url} keeps its "
+                                            "committed checkpoints")
+        raise CheckpointError("a checkpoint save failed on another rank (see that rank's log)")
 
     # ----------------------------------------------------------------------------- training
 
@@ -293,61 +323,92 @@ class Trainer:
         return x.to(self.dtype), target
 
     def train_step(self, batches: Iterator[dict], times: StepTimes) -> float:
-        """One optimizer step (accumulating `accum` good micro-batches); returns the mean loss."""
+        """One optimizer step (accumulating `accum` micro-batches); returns the mean loss."""
         ds.set_lr(self.engine, lr_at(self.step, self.cfg.optim, self.plan))
         losses = []
-        while len(losses) < self.accum:
+        micro = 0
+        while micro < self.accum:
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
             times.data_s += t1 - t0
-            self.counters["samples_read"] += len(batch["label"]) + sum(batch["skipped"].values())
+            self.data_counters["samples_read"] += len(batch["label"]) + sum(batch["skipped"].values())
             for reason, n in batch["skipped"].items():
-                self.counters[f"skipped/{reason}"] += n
+                self.data_counters[f"skipped/{reason}"] += n
+            if not len(batch["label"]):
+                # Only a report of skipped samples: this rank takes part in the micro-step with zero
+                # weight, so that every rank runs the same collectives (the skip threshold is judged
+                # at the next step's control all-reduce).
+                if any_rank(False, self.ctx.device):  # another rank's loss was not finite: drop it everywhere
+                    self._on_nonfinite()
+                    continue
+                x = batch["image"].to(self.ctx.device, self.dtype)
+                self.engine.backward(self.engine(x).float().sum() * 0.0)
+                self.engine.step()
+                micro += 1
+                continue
             if self.step == 0 and not losses and self.ctx.is_main and self.resumed_from is None:
                 self.metrics.image_grid(0, batch["image"], self.cfg.data.mean, self.cfg.data.std)
-            x, target = self._inputs(batch, len(losses) + self.counters["_nonfinite_in_row"])
+            x, target = self._inputs(batch, micro + self.step_counters["nonfinite_in_row"])
             loss = soft_target_cross_entropy(self.engine(x), target)
             if any_rank(not bool(torch.isfinite(loss).item()), self.ctx.device):
                 self._on_nonfinite()
                 continue  # the micro-batch is dropped on every rank; the window takes the next one
-            self.counters["_nonfinite_in_row"] = 0
+            self.step_counters["nonfinite_in_row"] = 0
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
+            micro += 1
             times.compute_s += time.perf_counter() - t1
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.step)
         if ds.overflowed(self.engine):
-            self.counters["fp16_overflow_steps"] += 1
-        return float(torch.stack(losses).float().mean())
+            self.step_counters["fp16_overflow_steps"] += 1
+        return float(torch.stack(losses).float().mean()) if losses else float("nan")
 
     def _on_nonfinite(self) -> None:
-        self.counters["nonfinite_skipped"] += 1
-        self.counters["_nonfinite_in_row"] += 1
-        in_row = self.counters["_nonfinite_in_row"]
+        self.step_counters["nonfinite_skipped"] += 1
+        self.step_counters["nonfinite_in_row"] += 1
+        in_row = self.step_counters["nonfinite_in_row"]
         log.warning("step %d: non-finite loss; micro-batch skipped (%d in a row)", self.step, in_row)
         if in_row >= self.cfg.optim.max_nonfinite_in_row:
+            last = self.checkpoints.last_committed.name if self.checkpoints.last_committed else self.resumed_from
             raise NonFiniteLossError(
                 f"{in_row} consecutive micro-batches had a non-finite loss at step {self.step} "
                 f"(optim.max_nonfinite_in_row={self.cfg.optim.max_nonfinite_in_row}); the last committed "
-                f"checkpoint ({self.checkpoints.last_committed or self.resumed_from}) is intact. "
-                "Lower optim.lr or enable optim.grad_clip.")
+                f"checkpoint ({last}) is intact. Lower optim.lr or enable optim.grad_clip.")
+
+    def _reduce_data_counters(self, extra: list[float]) -> list[float]:
+        """One all-reduce: `extra` flags, then samples read and skipped per reason over every rank."""
+        local = [float(self.data_counters["samples_read"])]
+        local += [float(self.data_counters[f"skipped/{r}"]) for r in SKIP_REASONS]
+        reduced = all_reduce_sum(extra + local, self.ctx.device)
+        flags, totals = reduced[:len(extra)], reduced[len(extra):]
+        self.data_totals = {"samples_read": totals[0],
+                            **{f"skipped/{r}": v for r, v in zip(SKIP_REASONS, totals[1:]) if v}}
+        return flags
 
     def _control(self) -> bool:
-        """One all-reduce per step: preemption requested anywhere, and the global skipped fraction."""
-        reads = float(self.counters["samples_read"])
-        skipped = float(sum(v for k, v in self.counters.items() if k.startswith("skipped/")))
-        stop, reads, skipped = all_reduce_sum([1.0 if self.stop_requested() else 0.0, reads, skipped],
-                                              self.ctx.device)
+        """One all-reduce per step: a stop requested anywhere, a lost lease, a failed background save,
+        and the global skip counts."""
+        lost = self.lease is not None and self.lease.lost is not None
+        error = self.checkpoints.take_error()
+        stop, lost_anywhere, failed, fatal = self._reduce_data_counters(
+            [1.0 if self.stop_requested() else 0.0, float(lost), float(error is not None),
+             float(isinstance(error, FatalRunError))])
+        if lost_anywhere:
+            raise self.lease.lost if lost else _lease_lost_elsewhere(self.cfg)
+        self._agree_on_checkpoints(error, [failed, fatal])
+        reads = self.data_totals["samples_read"]
+        skipped = sum(v for k, v in self.data_totals.items() if k.startswith("skipped/"))
         limit = self.cfg.data.max_skip_fraction
         if reads >= 100 and skipped / reads > limit:
+            by_reason = {k.split("/", 1)[1]: int(v) for k, v in self.data_totals.items() if k.startswith("skipped/")}
             raise DataQualityError(
                 f"{skipped:.0f} of {reads:.0f} samples read ({skipped / reads:.2%}) were skipped as corrupt or "
                 f"unreadable, above data.max_skip_fraction={limit:.2%}; run `data-tools verify "
-                f"{self.cfg.data.train_url}`. Counts by reason: "
-                f"{ {k: v for k, v in self.counters.items() if k.startswith('skipped/')} }")
+                f"{self.cfg.data.train_url}`. Counts by reason: {by_reason}")
         return stop > 0
 
     def fit(self) -> dict[str, Any]:
@@ -356,7 +417,7 @@ class Trainer:
             self.metrics.console(f"run {self.cfg.run.url} already finished at step {self.step}/{total}; nothing to "
                                  "do (use a new run.url, or to train further raise schedule.steps together "
                                  "with run.allow_config_change=true)")
-            return self.summary("already_finished")
+            return self.summary(RunStatus.ALREADY_FINISHED)
         self.metrics.start(self.step)
         if self.ctx.is_main:
             self._print_plan()
@@ -369,20 +430,23 @@ class Trainer:
             if self._control():
                 return self._preempt()
             loss = self.train_step(batches, times)
+            if window_steps == 0 and self.on_first_step is not None:
+                self.on_first_step()
+                self.on_first_step = None
             window_steps += 1
             if self.step % self.cfg.checkpoint.every_steps == 0 and self.step < total:
                 times.checkpoint_s += self.save()
-            self.checkpoints.check()
             if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0 and self.step < total:
                 self.run_eval()
             if self.step % self.cfg.logging.every_steps == 0 or self.step in (1, total):
                 self._log(loss, times, time.perf_counter() - window_start, window_steps)
                 window_start, window_steps = time.perf_counter(), 0
                 times.reset()
+        self._reduce_data_counters([])
         if self.eval_manifest is not None:
             self.run_eval()
         self.save(finished=True, blocking=True)
-        return self.summary("finished")
+        return self.summary(RunStatus.FINISHED)
 
     def _preempt(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -393,7 +457,7 @@ class Trainer:
                f"(grace {grace:.0f}s); run the same command again to resume")
         (log.warning if elapsed > grace else log.info)(msg)
         self.metrics.console(msg)
-        return self.summary("preempted")
+        return self.summary(RunStatus.PREEMPTED)
 
     def _print_plan(self) -> None:
         cfg, plan = self.cfg, self.plan
@@ -404,6 +468,8 @@ class Trainer:
             f"{cfg.schedule.global_batch_size} per step; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
             f"steps, {plan.warmup_steps} warmup; ZeRO-{cfg.zero.stage} {cfg.precision.dtype}; "
             f"EMA {'on' if self.ema else 'off'}; checkpoints -> {self.checkpoints.root}")
+        for note in self.scan.unusable:
+            self.metrics.console(f"unusable checkpoint passed over: {note}")
         self.metrics.text("config", "```\n" + str(config_to_dict(cfg)) + "\n```")
 
     def _log(self, loss: float, times: StepTimes, elapsed: float, steps: int) -> None:
@@ -426,12 +492,13 @@ class Trainer:
             "time/compute_s": times.compute_s / max(steps, 1), "time/checkpoint_stall_s": times.checkpoint_s / max(steps, 1),
             "perf/train_tflops": train_flops / 1e12, "perf/mfu": mfu, "memory/max_bytes": memory_bytes(ctx.device),
             "train/epoch": self.step * cfg.schedule.global_batch_size / self.manifest.num_samples,
-            "train/nonfinite_skipped": self.counters["nonfinite_skipped"],
+            "train/nonfinite_skipped": self.step_counters["nonfinite_skipped"],
             "ema/decay": self.ema.last_decay if self.ema else None,
+            "data/samples_read": self.data_totals.get("samples_read"),
         }
         if cfg.precision.dtype == "fp16":
             scalars["train/loss_scale"] = ds.loss_scaler_state(self.engine).get("cur_scale")
-        scalars.update({f"data/{k}": float(v) for k, v in self.counters.items() if k.startswith("skipped/")})
+        scalars.update({f"data/{k}": v for k, v in self.data_totals.items() if k.startswith("skipped/")})
         self.metrics.scalars(self.step, scalars)
         data_pct = 100 * times.data_s / max(elapsed, 1e-9)
         self.metrics.console(
@@ -484,15 +551,39 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- end
 
-    def summary(self, status: str) -> dict[str, Any]:
-        return {"status": status, "step": self.step, "total_steps": self.plan.total_steps,
+    def summary(self, status: RunStatus) -> dict[str, Any]:
+        skipped = {k.split("/", 1)[1]: int(v) for k, v in self.data_totals.items() if k.startswith("skipped/")}
+        return {"status": status.value, "step": self.step, "total_steps": self.plan.total_steps,
                 "resumed_from": self.resumed_from, "loss_first": self.loss_first, "loss_last": self.loss_last,
                 "eval": self.last_eval, "checkpoints": self.checkpoints.root,
                 "tensorboard": storage.join(self.cfg.run.url, "tb"),
-                "counters": {k: v for k, v in self.counters.items() if not k.startswith("_")}}
+                "samples_read": int(self.data_totals.get("samples_read", 0)), "skipped": skipped,
+                "skipped_total": sum(skipped.values()), "counters": dict(self.step_counters),
+                "unusable_checkpoints": list(self.scan.unusable), "data_changes": self.data_changes}
+
+    def _release_lease(self) -> None:
+        if self.lease is not None:
+            if self._own_lease:
+                self.lease.release()
+            else:
+                self.lease.stop_heartbeat()  # the driver holds it (and releases it at the end of the job)
 
     def close(self) -> None:
         try:
             self.checkpoints.close()
         finally:
-            self.metrics.close()
+            try:
+                self.metrics.close()
+            finally:
+                self._release_lease()
+
+
+class CheckpointFailedElsewhere(FatalRunError):
+    """Another rank's save failed with an error that ends the run."""
+
+
+def _lease_lost_elsewhere(cfg: Config):
+    from pretrain.lease import LeaseLost
+
+    return LeaseLost(f"rank 0 found that this job no longer holds the lease of {cfg.run.url}; stopping without "
+                     "writing")

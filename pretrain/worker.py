@@ -23,9 +23,8 @@ import torch
 from pretrain.config import config_from_dict, config_to_dict, load_config
 
 
-# Exit codes of the worker processes and `pretrain train`: 75 = preempted after a committed checkpoint
-# (run the same command again to resume); 2 = an error that a restart would not fix.
-EXIT_CODES = {"finished": 0, "already_finished": 0, "preempted": 75, "failed": 2}
+EXIT_FILE_ENV = "PRETRAIN_EXIT_FILE"
+"""Rank 0 writes its exit code (0, 2, 75) here, for launchers that cannot pass it through (torchrun)."""
 
 
 class StopFlag:
@@ -60,9 +59,16 @@ def setup_logging(rank: int) -> None:
     logger.propagate = False
 
 
-def train_worker(config: dict[str, Any], stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Train with `config` (a resolved config dict) in this process; returns the run summary."""
+def train_worker(config: dict[str, Any], stop_requested: Callable[[], bool] | None = None,
+                 lease_holder: str = "", on_first_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train with `config` (a resolved config dict) in this process; returns the run summary.
+
+    `lease_holder` is the id under which a driver holds the run's lease (also read from
+    ``PRETRAIN_LEASE_HOLDER``); without one, rank 0 takes the lease itself and releases it at the end.
+    `on_first_step` is called once this process completes its first optimizer step (restart policy).
+    """
     from pretrain.engine.distributed import destroy, init_distributed
+    from pretrain.lease import HOLDER_ENV
     from pretrain.trainer import Trainer
 
     cfg = config_from_dict(config)
@@ -76,7 +82,8 @@ def train_worker(config: dict[str, Any], stop_requested: Callable[[], bool] | No
     stop.install()
     trainer = None
     try:
-        trainer = Trainer(cfg, ctx, stop)
+        trainer = Trainer(cfg, ctx, stop, lease_holder=lease_holder or os.environ.get(HOLDER_ENV, ""),
+                          on_first_step=on_first_step)
         return trainer.fit()
     except RuntimeError as exc:
         if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
@@ -96,10 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
-    summary = train_worker(config_to_dict(load_config(args.config, args.set)))
+    from pretrain.run_errors import RUN_ENDING
+    from pretrain.run_status import RunStatus, exit_code
+
+    try:
+        summary = train_worker(config_to_dict(load_config(args.config, args.set)))
+    except RUN_ENDING as exc:  # a restart would fail the same way: exit 2, with the reason on one line
+        print(f"pretrain worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        summary = {"status": RunStatus.FAILED.value, "error": f"{type(exc).__name__}: {exc}"}
+    code = exit_code(summary["status"])
     if os.environ.get("RANK", "0") == "0":
         print("SUMMARY " + json.dumps(summary), flush=True)
-    return EXIT_CODES.get(summary["status"], 1)
+        if os.environ.get(EXIT_FILE_ENV):  # torchrun reports any non-zero exit as 1; the launcher reads this
+            with open(os.environ[EXIT_FILE_ENV], "w") as f:
+                f.write(str(code))
+    return code
 
 
 if __name__ == "__main__":

@@ -10,12 +10,18 @@ import pytest
 from launch.local_s3 import start_local_s3
 
 
+# The secret key every process of the session holds (moto accepts any): it must never appear in a log, a
+# job spec, a config dump, TensorBoard or a checkpoint (tests/test_launch.py scans them for it).
+SECRET_CANARY = f"canary-{uuid.uuid4().hex}"
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto standalone server; the AWS env vars point every client (and subprocess) at it."""
     server = start_local_s3()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
+    env = {**server.env, "AWS_SECRET_ACCESS_KEY": SECRET_CANARY}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     yield server
     server.stop()
     for key, value in saved.items():

@@ -15,32 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.local_s3 import free_port
+from launch.local_ray import start_local_ray
 from pretrain import storage
 from pretrain.checkpoint import CHECKPOINTS, MANIFEST
 from tests.test_training import full_state
 from tests.workers import ROOT, SMOKE
 
 pytestmark = pytest.mark.integration
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server, tmp_path_factory):
+def ray_cluster(s3_server):
     """A one-node Ray cluster; its workers inherit the S3 endpoint from the environment."""
-    port, dashboard = free_port(), free_port()
-    # A throwaway loopback cluster: no token authentication (clients here are this test's subprocesses).
     saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    # The cluster's `python` is this environment's, as on a cluster whose image has the project installed.
-    env = {**os.environ, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1",
-                    f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-                    f"--ray-client-server-port={free_port()}", "--num-cpus=4", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
-    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}"}
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    cluster = start_local_ray(num_cpus=4)
+    yield {"address": cluster.address, "dashboard": cluster.dashboard}
+    cluster.stop()
     if saved is None:
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
@@ -116,6 +106,63 @@ def test_job_submission_through_the_jobs_api(ray_cluster, submitted):
 
     spec = JobSubmissionClient(ray_cluster["dashboard"]).get_job_info(submission_id)
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(spec.runtime_env or {})
+
+
+def test_the_secret_key_is_nowhere_the_job_wrote(ray_cluster, submitted):
+    """The workers hold a real secret value; scan the job spec, its logs and every object of the run."""
+    from ray.job_submission import JobSubmissionClient
+
+    url, result = submitted
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert secret.startswith("canary-")  # set by the s3_server fixture for every process of the session
+    submission_id = re.search(r"pretrain-smoke-[0-9a-f]{8}", result.stdout).group(0)
+    client = JobSubmissionClient(ray_cluster["dashboard"])
+    places = {"job spec": json.dumps(client.get_job_info(submission_id).runtime_env or {}),
+              "job logs": client.get_job_logs(submission_id), "submit output": result.stdout}
+    written = storage.list_files(url)
+    assert any(p.startswith("tb/") for p in written) and "config.toml" in written and any(
+        p.endswith(".safetensors") for p in written) and any(p.startswith("ray/") for p in written)
+    for path in written:  # checkpoints, manifests, TensorBoard events, config dump, lease, Ray's run state
+        places[path] = storage.read_bytes(storage.join(url, path)).decode("latin-1")
+    leaked = [where for where, text in places.items() if secret in text]
+    assert not leaked, f"the secret value appears in {leaked}"
+
+
+def test_what_can_be_checked_fails_before_ray_starts(synth_shards, runs, tmp_path):
+    """No cluster: a held lease, missing eval shards and a bad policy string end `pretrain train` with
+    exit 2 in seconds, before a Ray (local by default) or anything under run.url is started."""
+    from pretrain.config import LeaseConfig
+    from pretrain.lease import Lease
+
+    url = f"{runs}/refused"
+    holder = Lease(url, LeaseConfig(), None, job="the-first-job").acquire()
+    started = time.monotonic()
+    held = pretrain("train", "--config", str(SMOKE), *args_for(synth_shards, url), timeout=120)
+    assert held.returncode == 2 and "held by another job" in held.stdout and "the-first-job" in held.stdout
+    holder.release()
+    missing = pretrain("train", "--config", str(SMOKE), *args_for(synth_shards, f"{runs}/missing-eval"),
+                       "--set", f"data.eval_url={synth_shards['train']}-nope", timeout=120)
+    assert missing.returncode == 2 and "data.eval_url: no manifest.json at" in missing.stdout, missing.stdout[-2000:]
+    policy = pretrain("train", "--config", str(SMOKE), *args_for(synth_shards, url), "--set",
+                      "data.randaugment=rand-zz", timeout=120)
+    assert policy.returncode == 2 and "section 'zz' of 'rand-zz'" in policy.stdout
+    assert time.monotonic() - started < 90
+    assert "Started a local Ray" not in held.stdout + missing.stdout + policy.stdout
+    assert storage.list_files(f"{runs}/missing-eval") == [] and storage.list_files(url) == ["lease.json"]
+
+
+def test_a_failure_that_recurs_at_every_start_ends_the_run(ray_cluster, synth_shards, runs, tmp_path):
+    """A weights file that exists but cannot be loaded: every (re)start fails before its first step. With
+    unlimited restarts, the restart policy ends the run with exit 2 after 2 identical failures."""
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    started = time.monotonic()
+    result = pretrain("train", "--config", str(SMOKE), "--address", ray_cluster["address"],
+                      *args_for(synth_shards, f"{runs}/recurring", f"model.init_from={broken}",
+                                "launch.max_failures=-1", "launch.max_repeated_startup_failures=2"), timeout=400)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert "the same failure ended 2 (re)starts in a row before their first step" in result.stdout
+    assert time.monotonic() - started < 300
 
 
 def test_train_joins_the_cluster_and_a_finished_run_is_a_no_op(ray_cluster, synth_shards, submitted):

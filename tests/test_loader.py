@@ -10,13 +10,13 @@ import torch
 
 from pretrain.config import DataConfig, StorageConfig
 from pretrain.data import shards
-from pretrain.data.loader import EvalLoader, TrainLoader, merge_rank_states
+from pretrain.data.loader import EvalLoader, TrainLoader
 from pretrain.data.reader import register_s3_with_webdataset
-from tests.handmade_shards import jpeg_bytes, write_shard_set
-from tests.s3_proxy import FaultyS3Proxy, Rule
+from reliability.handmade_shards import jpeg_bytes, write_shard_set
+from reliability.fault_proxy import FaultProxy, Rule
 
 CFG = DataConfig(image_size=32, micro_batch_size=4, num_workers=2, shuffle_window=16, randaugment="",
-                 random_erasing=0.0, mixup=0.0, cutmix=0.0, read_retries=3)
+                 random_erasing=0.0, mixup=0.0, cutmix=0.0)
 
 
 def loader(url, rank=0, world=1, cfg=CFG, storage_cfg=None, seed=0) -> TrainLoader:
@@ -52,9 +52,9 @@ def test_resume_same_world_size_is_bit_exact(synth_shards):
     straight = take(iter(loader(url)), 12)
     first = loader(url)
     head = take(iter(first), 5)
-    state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
+    shared, own = json.loads(json.dumps([first.shared_state(), first.state_dict()]))  # checkpoints store JSON
     second = loader(url)
-    second.load_state_dict(state)
+    second.load_state_dict(shared, [own])
     tail = take(iter(second), 7)
     for a, b in zip(straight, head + tail):
         assert a["keys"] == b["keys"]
@@ -69,10 +69,10 @@ def test_elastic_resume_neither_repeats_nor_skips(synth_shards, old_world, new_w
     positions = []
     for ld in old:  # 96 samples before the "checkpoint"
         positions += [p for b in take(iter(ld), 24 // old_world) for p in b["positions"]]
-    state = merge_rank_states([ld.state_dict() for ld in old])
+    shared, parts = old[0].shared_state(), [ld.state_dict() for ld in old]
     new = [loader(url, r, new_world) for r in range(new_world)]
     for ld in new:
-        ld.load_state_dict(state)
+        ld.load_state_dict(shared, parts)
     iters = [iter(ld) for ld in new]
     while not set(range(n)) <= set(positions):
         for it in iters:
@@ -129,6 +129,31 @@ def test_corrupt_samples_are_skipped_and_counted_by_reason(s3_bucket):
     assert all(expected[r] <= skipped[r] <= 2 * expected[r] for r in expected) and set(skipped) == set(expected)
 
 
+def test_a_shard_cut_short_is_detected_once_on_open_without_a_request_per_sample(s3_bucket, s3_server, caplog):
+    url = f"{s3_bucket}/cut"
+    samples = [{"jpg": jpeg_bytes(i), "cls": str(i % 3).encode()} for i in range(40)]
+    # The last shard lost its second half; the manifest (and index) still describe the whole tar.
+    write_shard_set(url, samples, per_shard=20, truncate_last_shard=6000, manifest_lists_full_size=True)
+    cfg = DataConfig(image_size=16, micro_batch_size=2, num_workers=0, shuffle_window=40, randaugment="",
+                     random_erasing=0.0, mixup=0.0, cutmix=0.0)
+    proxy = FaultProxy(s3_server.endpoint).start()
+    try:
+        ld = loader(url, cfg=cfg, storage_cfg=StorageConfig(endpoint_url=proxy.url, retry_base_s=0.01))
+        skipped, good, it = dict_counter({}), 0, iter(ld)
+        while good + sum(skipped.values()) < 40:
+            batch = next(it)
+            good += len(batch["keys"])
+            skipped += dict_counter(batch["skipped"])
+        requests = dict(proxy.summary())
+    finally:
+        proxy.stop()
+    assert set(skipped) == {"truncated"} and 1 <= skipped["truncated"] < 20
+    tar_gets = requests["RANGED_GET"]["requests"]
+    assert tar_gets <= 4, requests  # one ranged GET per run of samples, never one per truncated sample
+    warnings = [r.message for r in caplog.records if "an interrupted upload" in r.message]
+    assert len(warnings) == 1 and "shard-000001.tar" in warnings[0]
+
+
 def dict_counter(d):
     from collections import Counter
 
@@ -139,14 +164,15 @@ def test_transient_s3_errors_are_retried_and_a_dead_shard_is_skipped_and_reporte
     url = synth_shards["train"]
     manifest = shards.read_manifest(url)
     flaky, dead = manifest.shards[0].name, manifest.shards[1].name
-    proxy = FaultyS3Proxy(s3_server.endpoint, rules=[
+    proxy = FaultProxy(s3_server.endpoint, rules=[
         Rule(lambda m, p: m == "GET" and p.endswith(flaky), fail_times=2),  # SlowDown twice, then fine
         Rule(lambda m, p: m == "GET" and p.endswith(dead), fail_times=-1),  # never readable
     ]).start()
     try:
         cfg = DataConfig(image_size=16, micro_batch_size=10, num_workers=0, shuffle_window=50, randaugment="",
-                         random_erasing=0.0, mixup=0.0, cutmix=0.0, read_retries=1)
-        ld = loader(url, cfg=cfg, storage_cfg=StorageConfig(endpoint_url=proxy.url))
+                         random_erasing=0.0, mixup=0.0, cutmix=0.0)
+        ld = loader(url, cfg=cfg, storage_cfg=StorageConfig(endpoint_url=proxy.url, retries=2, retry_base_s=0.01,
+                                                            retry_max_s=0.05))
         batches = take(iter(ld), 35)  # 350 good samples: all but the dead shard's 50
         seen = keys(batches)
         skipped = sum((dict_counter(b["skipped"]) for b in batches), dict_counter({}))
@@ -155,7 +181,7 @@ def test_transient_s3_errors_are_retried_and_a_dead_shard_is_skipped_and_reporte
     assert proxy.failures[f"/{url[5:]}/{flaky}"] == 2 and proxy.bytes_served
     assert skipped == {"read_error": 50}
     assert len(set(seen)) == 350
-    assert any("giving up on" in r.message and dead in r.message for r in caplog.records)
+    assert any("giving up after 3 attempts" in r.message and dead in r.message for r in caplog.records)
 
 
 def test_resume_fetches_only_what_is_left_of_a_window(synth_shards, s3_server):
@@ -164,10 +190,10 @@ def test_resume_fetches_only_what_is_left_of_a_window(synth_shards, s3_server):
                      random_erasing=0.0, mixup=0.0, cutmix=0.0)
     first = loader(url, cfg=cfg)
     take(iter(first), 4)  # 40 of the first 50-sample window consumed
-    proxy = FaultyS3Proxy(s3_server.endpoint).start()
+    proxy = FaultProxy(s3_server.endpoint).start()
     try:
         resumed = loader(url, cfg=cfg, storage_cfg=StorageConfig(endpoint_url=proxy.url))
-        resumed.load_state_dict(first.state_dict())
+        resumed.load_state_dict(first.shared_state(), [first.state_dict()])
         take(iter(resumed), 1)
         tar_bytes = sum(v for k, v in proxy.bytes_served.items() if k.endswith(".tar"))
     finally:

@@ -93,9 +93,10 @@ class _TrainStreams(IterableDataset):
     """One infinite stream of micro-batches per DataLoader worker (or one if num_workers == 0)."""
 
     def __init__(self, reader: ShardReader, order: SampleOrder, state: LoaderState, rank: int,
-                 micro_batch: int, transform: Callable, num_classes: int):
+                 micro_batch: int, transform: Callable, num_classes: int, image_shape: tuple[int, int, int]):
         self.reader, self.order, self.state, self.rank = reader, order, state, rank
         self.micro_batch, self.transform, self.num_classes = micro_batch, transform, num_classes
+        self.image_shape = image_shape
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -107,11 +108,13 @@ class _TrainStreams(IterableDataset):
         window_k, skip = divmod(cursor, topo.window)
         images, labels, keys, positions = [], [], [], []
         skipped: Counter = Counter()
+        last_cursor = cursor
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
             pending = pool.submit(self._fetch, plan, stream, window_k, skip)
             while True:
                 order, raws = pending.result()
                 pending = pool.submit(self._fetch, plan, stream, window_k + 1, 0)
+                yielded = False
                 for i in range(skip, len(order)):
                     position = int(order[i])
                     result = _decode_sample(raws[position], self.num_classes, self.transform,
@@ -130,6 +133,15 @@ class _TrainStreams(IterableDataset):
                                "positions": positions, "stream": stream, "cursor": cursor,
                                "skipped": dict(skipped)}
                         images, labels, keys, positions, skipped = [], [], [], [], Counter()
+                        last_cursor, yielded = cursor, True
+                if not yielded and skipped:
+                    # A whole window without a batch: report the skips anyway (an empty batch at the last
+                    # yielded cursor), so that the trainer's skip threshold sees them instead of this
+                    # stream searching the shard set forever. On resume they are read and counted again.
+                    yield {"image": torch.zeros((0, *self.image_shape)), "label": torch.zeros(0, dtype=torch.long),
+                           "keys": [], "positions": [], "stream": stream, "cursor": last_cursor,
+                           "skipped": dict(skipped)}
+                    skipped = Counter()
                 window_k, skip = window_k + 1, 0
 
     def _fetch(self, plan: Plan, stream: int, k: int, skip: int) -> tuple[np.ndarray, dict]:
@@ -153,7 +165,7 @@ class TrainLoader:
     def __init__(self, url: str, manifest: Manifest, cfg: DataConfig, storage_cfg: StorageConfig | None,
                  rank: int, world_size: int, seed: int, num_classes: int, pin_memory: bool = False):
         self.cfg, self.rank, self.pin_memory = cfg, rank, pin_memory
-        self.reader = ShardReader(url, manifest, storage_cfg, retries=cfg.read_retries)
+        self.reader = ShardReader(url, manifest, storage_cfg)
         self.order = SampleOrder([s.num_samples for s in manifest.shards], seed)
         self.topology = Topology(world_size, max(cfg.num_workers, 1), cfg.shuffle_window)
         self.state = LoaderState(seed, manifest.num_samples, self.topology, Plan(), [0] * self.topology.num_streams)
@@ -164,44 +176,46 @@ class TrainLoader:
     def num_samples(self) -> int:
         return self.state.num_samples
 
-    def epoch(self) -> float:
-        """Fractional epochs consumed by all ranks together (as of the last checkpointable point)."""
-        return self.state.consumed() / self.state.num_samples
-
     def __iter__(self) -> Iterator[dict]:
         dataset = _TrainStreams(self.reader, self.order, self.state, self.rank, self.cfg.micro_batch_size,
-                                self.transform, self.num_classes)
-        workers = self.cfg.num_workers
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                            multiprocessing_context=worker_context() if workers else None,
-                            generator=torch.Generator().manual_seed(self.state.seed))
+                                self.transform, self.num_classes, (3, self.cfg.image_size, self.cfg.image_size))
         per_rank = self.topology.streams_per_rank
-        for batch in loader:
+        for batch in build_dataloader(dataset, self.cfg, self.state.seed, self.pin_memory):
             self.state.cursors[batch["stream"]] = batch["cursor"]
             self.state.next_stream[self.rank] = (batch["stream"] - self.rank * per_rank + 1) % per_rank
             yield batch
 
-    def state_dict(self) -> dict:
-        """This rank's view; :func:`merge_rank_states` combines all ranks' into the global state."""
-        return self.state.to_dict()
+    def shared_state(self) -> dict:
+        """The part of the loader state that is the same on every rank (seed, set size, topology, plan)."""
+        full = self.state.to_dict()
+        return {k: full[k] for k in ("seed", "num_samples", "topology", "plan")}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a global state; re-plans the rest of the epoch if the topology changed."""
-        saved = LoaderState.from_dict(state)
+    def state_dict(self) -> dict:
+        """This rank's own part: the cursors of its streams and the stream due next."""
+        per_rank = self.topology.streams_per_rank
+        own = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return {"rank": self.rank, "cursors": self.state.cursors[own], "next_stream": self.state.next_stream[self.rank]}
+
+    def load_state_dict(self, shared: dict, ranks: list[dict]) -> None:
+        """Continue from every rank's saved part; re-plans the rest of the epoch if the topology changed."""
+        saved = LoaderState.from_dict(merge_rank_states(shared, ranks))
         self.state = saved.resumed_on(self.topology, self.state.seed, self.state.num_samples)
 
 
-def merge_rank_states(states: list[dict]) -> dict:
-    """Global loader state from every rank's ``state_dict()`` (each rank owns its streams' cursors)."""
-    merged = dict(states[0])
-    per_rank = states[0]["topology"]["streams_per_rank"]
-    cursors = list(states[0]["cursors"])
-    for rank, state in enumerate(states):
-        cursors[rank * per_rank:(rank + 1) * per_rank] = state["cursors"][rank * per_rank:(rank + 1) * per_rank]
-    merged["cursors"] = cursors
-    merged["next_stream"] = [state["next_stream"][rank] for rank, state in enumerate(states)]
-    return merged
+def merge_rank_states(shared: dict, ranks: list[dict]) -> dict:
+    """The global loader state (``LoaderState.to_dict``) from the shared part and every rank's own part."""
+    cursors = [int(c) for part in sorted(ranks, key=lambda p: p["rank"]) for c in part["cursors"]]
+    next_stream = [int(part["next_stream"]) for part in sorted(ranks, key=lambda p: p["rank"])]
+    return {**shared, "cursors": cursors, "next_stream": next_stream}
+
+
+def build_dataloader(dataset: IterableDataset, cfg: DataConfig, seed: int, pin_memory: bool = False) -> DataLoader:
+    """The one DataLoader construction: batches come whole from the dataset; workers from the forkserver."""
+    workers = cfg.num_workers
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=cfg.prefetch_factor if workers else None,
+                      multiprocessing_context=worker_context() if workers else None,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 class _EvalStreams(IterableDataset):
@@ -253,20 +267,15 @@ class EvalLoader:
         workers = max(cfg.num_workers, 1)
         # Upper bound on batches any rank yields: each worker's share may end in a partial batch.
         self.num_batches = math.ceil(largest / batch_size) + workers
-        self.dataset = _EvalStreams(ShardReader(url, manifest, storage_cfg, retries=cfg.read_retries), manifest,
+        self.dataset = _EvalStreams(ShardReader(url, manifest, storage_cfg), manifest,
                                     self.block, batch_size, build_eval_transform(cfg), num_classes,
                                     window=max(batch_size, cfg.shuffle_window))
         self.cfg = cfg
         self.image_shape = (3, cfg.image_size, cfg.image_size)
 
     def __iter__(self) -> Iterator[dict]:
-        workers = self.cfg.num_workers
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                            multiprocessing_context=worker_context() if workers else None,
-                            generator=torch.Generator().manual_seed(0))
         count = 0
-        for batch in loader:
+        for batch in build_dataloader(self.dataset, self.cfg, 0):
             count += 1
             yield batch
         for _ in range(self.num_batches - count):

@@ -1,11 +1,11 @@
-"""Reads runs of samples out of tar shards with ranged GETs, retrying transient storage errors.
+"""Reads runs of samples out of tar shards with ranged GETs.
 
 Why not ``webdataset.WebDataset`` for training: it can only stream a shard from its first byte, so
 resuming mid-shard would re-download everything before the cursor. With the ``.idx`` offsets
 written by ``data-tools make-shards`` we fetch exactly the samples a window needs, and a failed read
-is retried from the sample where it failed rather than from the shard's start. We still register an
-``s3://`` opener with webdataset (over s3fs, no ``aws`` CLI) so the same shards stream with plain
-``webdataset.WebDataset("s3://...")`` for tools and users.
+is retried (by :mod:`pretrain.storage`) from the sample where it failed, not from the shard's
+start. We still register an ``s3://`` opener with webdataset (over s3fs, no ``aws`` CLI) so the same shards
+stream with plain ``webdataset.WebDataset("s3://...")`` for tools and users.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ SKIP_TRUNCATED = "truncated"
 SKIP_DECODE_ERROR = "decode_error"
 SKIP_BAD_LABEL = "bad_label"
 SKIP_MISSING_IMAGE = "missing_image"
+SKIP_REASONS = (SKIP_READ_ERROR, SKIP_TRUNCATED, SKIP_DECODE_ERROR, SKIP_BAD_LABEL, SKIP_MISSING_IMAGE)
 
 
 @dataclass
@@ -44,17 +44,15 @@ class Skipped:
     reason: str
 
 
-class ReadFailed(RuntimeError):
-    """A byte range could not be read after all retries."""
-
-
 @dataclass
 class ShardReader:
+    """Ranged reads of one shard set. Storage errors follow :mod:`pretrain.retry_policy`: transient ones
+    are retried inside :mod:`pretrain.storage`; a permanent one (403, 404, 416, a deleted shard) or a
+    transient one that outlived its retries skips the affected samples at once, counted by reason."""
+
     url: str
     manifest: Manifest
     storage_cfg: StorageConfig | None = None
-    retries: int = 5
-    backoff_s: float = 0.5
     max_cached_indexes: int = 256
     _indexes: OrderedDict = field(default_factory=OrderedDict)
     _warned: set = field(default_factory=set)
@@ -63,14 +61,27 @@ class ShardReader:
         return storage.join(self.url, self.manifest.shards[shard].name)
 
     def index(self, shard: int) -> np.ndarray:
+        """Sample offsets of `shard`, cut to what the stored tar really holds.
+
+        Opening a shard costs one extra request, a size check: a tar cut short by an interrupted upload
+        (its index still pointing past the end) is detected here once, and the samples beyond its end
+        are skipped without a request each.
+        """
         cached = self._indexes.get(shard)
         if cached is None:
-            name = self.manifest.shards[shard].name
-            cached = self._retry(lambda: read_index(self.url, name, self.storage_cfg), f"{name} index")
-            expected = self.manifest.shards[shard].num_samples + 1
-            if len(cached) != expected:
-                raise ValueError(f"{self.url}/{name}: index has {len(cached) - 1} samples, manifest says "
-                                 f"{expected - 1}; re-run `data-tools verify {self.url}`")
+            info = self.manifest.shards[shard]
+            cached = read_index(self.url, info.name, self.storage_cfg)
+            if len(cached) != info.num_samples + 1:
+                raise OSError(f"{self.url}/{info.name}: index has {len(cached) - 1} samples, manifest says "
+                              f"{info.num_samples}; run `data-tools verify {self.url}`")
+            actual = storage.size(self.shard_url(shard), self.storage_cfg)
+            if actual != info.bytes:
+                readable = int(np.searchsorted(cached, actual, side="right")) - 1  # samples ending by `actual`
+                log.warning("%s: %d bytes, the manifest says %d (an interrupted upload?); reading its first %d of "
+                            "%d samples, the other %d are skipped as %r", self.shard_url(shard), actual, info.bytes,
+                            max(readable, 0), info.num_samples, info.num_samples - max(readable, 0), SKIP_TRUNCATED)
+                self._warned.add(shard)
+                cached = cached[: max(readable, 0) + 1].copy()
             self._indexes[shard] = cached
             if len(self._indexes) > self.max_cached_indexes:
                 self._indexes.popitem(last=False)
@@ -81,45 +92,39 @@ class ShardReader:
         out: dict[int, RawSample | Skipped] = {}
         try:
             offsets = self.index(shard)
-        except ReadFailed:
+        except OSError as exc:  # the index or the shard is unreadable: every requested sample is skipped
+            self._warn(shard, f"cannot open ({exc})")
             return {int(i): Skipped(SKIP_READ_ERROR) for i in samples}
+        readable = len(offsets) - 1
         for first, last in _runs(np.sort(samples)):
-            start, end = int(offsets[first]), int(offsets[last + 1])
+            if first >= readable:
+                out.update({i: Skipped(SKIP_TRUNCATED) for i in range(first, last + 1)})
+                continue
+            stop = min(last, readable - 1)
+            out.update({i: Skipped(SKIP_TRUNCATED) for i in range(stop + 1, last + 1)})
+            start, end = int(offsets[first]), int(offsets[stop + 1])
             url = self.shard_url(shard)
             try:
-                blob = self._retry(lambda: storage.read_bytes(url, self.storage_cfg, start, end),
-                                   f"{url} bytes {start}-{end}")
-            except ReadFailed:
-                out.update({i: Skipped(SKIP_READ_ERROR) for i in range(first, last + 1)})
+                blob = storage.read_bytes(url, self.storage_cfg, start, end)
+            except OSError as exc:
+                self._warn(shard, f"bytes {start}-{end} unreadable ({exc})")
+                out.update({i: Skipped(SKIP_READ_ERROR) for i in range(first, stop + 1)})
                 continue
-            for i in range(first, last + 1):
+            for i in range(first, stop + 1):
                 a, b = int(offsets[i]) - start, int(offsets[i + 1]) - start
                 out[i] = _parse_sample(blob[a:b]) if b <= len(blob) else Skipped(SKIP_TRUNCATED)
-        self._warn_once(shard, out)
+        bad = sorted({r.reason for r in out.values() if isinstance(r, Skipped)})
+        if bad:
+            self._warn(shard, f"skipping sample(s) ({', '.join(bad)})")
         return out
 
-    def _retry(self, fn, what: str):
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
-            try:
-                return fn()
-            except (OSError, ConnectionError, TimeoutError, RuntimeError) as exc:
-                if attempt == self.retries:
-                    log.error("giving up on %s after %d attempts: %s", what, attempt + 1, exc)
-                    raise ReadFailed(f"{what}: {exc}") from exc
-                log.warning("retrying %s (attempt %d/%d): %s", what, attempt + 1, self.retries, exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        raise AssertionError("unreachable")
-
-    def _warn_once(self, shard: int, results: dict) -> None:
+    def _warn(self, shard: int, what: str) -> None:
+        """One warning per shard; later skips in it are only counted."""
         if shard in self._warned:
             return
-        bad = [r.reason for r in results.values() if isinstance(r, Skipped)]
-        if bad:
-            self._warned.add(shard)
-            log.warning("%s: skipping %d sample(s) (%s); further skips in this shard are counted, not logged",
-                        self.manifest.shards[shard].name, len(bad), ", ".join(sorted(set(bad))))
+        self._warned.add(shard)
+        log.warning("%s: %s; further skips in this shard are counted, not logged", self.manifest.shards[shard].name,
+                    what)
 
 
 def _runs(sorted_samples: np.ndarray) -> list[tuple[int, int]]:

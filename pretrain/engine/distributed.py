@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_rank0(fn: Callable[[], T], share: bool = True) -> T | None:
+    """Run `fn` on rank 0 only; every rank returns its result (with ``share=False`` only rank 0, the others
+    get None), or raises its exception: no rank is left waiting in a collective because rank 0 failed."""
+    result: Any = None
+    outcome: tuple[bool, Any] | None = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+            outcome = (True, result if share else None)
+        except Exception as exc:
+            outcome = (False, exc)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return result if dist.get_rank() == 0 else value
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -1,0 +1,1 @@
+"""The chaos suite: real scenarios on real components, with injected faults (`make chaos`)."""
