@@ -128,7 +128,9 @@ def read_bytes(url: str, storage: StorageConfig | None = None, start: int | None
                end: int | None = None) -> bytes:
     fs, path = filesystem(url, storage)
     if start is None and end is None:
-        return retry(storage, lambda: fs.cat_file(path), f"read {url}")
+        # one request: s3fs would HEAD first to decide on concurrent ranged reads
+        kwargs = {"max_concurrency": 1} if is_remote(url) and protocol(url) in ("s3", "s3a") else {}
+        return retry(storage, lambda: fs.cat_file(path, **kwargs), f"read {url}")
     return retry(storage, lambda: fs.cat_file(path, start=start, end=end), f"read {url} bytes {start}-{end}")
 
 

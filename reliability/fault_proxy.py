@@ -183,6 +183,8 @@ class FaultProxy:
     bytes_served: Counter = field(default_factory=Counter, init=False)
     failures: Counter = field(default_factory=Counter, init=False)
     injections: list[Injection] = field(default_factory=list, init=False)
+    log: list[tuple[str, str]] = field(default_factory=list, init=False)
+    """(op class, decision path) of every request, in arrival order (request counting in tests)."""
     connections: int = field(default=0, init=False)
     """Client TCP connections accepted (keep-alive clients reuse one until a fault breaks it)."""
 
@@ -230,12 +232,14 @@ class FaultProxy:
                             self.failures, self._seen):
                 counter.clear()
             self.injections.clear()
+            self.log.clear()
             self.connections = 0
 
     def _arrive(self, op: str, detail: str, path: str) -> int:
         with self._lock:
             self.requests[op] += 1
             self.requests_detail[detail] += 1
+            self.log.append((op, path))
             n = self._seen[(op, path)]
             self._seen[(op, path)] += 1
             return n

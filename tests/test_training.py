@@ -109,12 +109,22 @@ def test_rerunning_a_finished_run_is_a_no_op(synth_shards, straight):
     assert storage.listdir(storage.join(url, CHECKPOINTS)) == ["step_4", "step_8"]
 
 
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(synth_shards, straight, run_root):
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(synth_shards, straight, run_root, s3_server):
     url, _ = straight
     resumed = f"{run_root}/resumed"
     copy_checkpoint(url, resumed, 4)  # as if the run had died after committing step 4
-    run = run_workers(2, overrides(synth_shards, resumed, *WITH_WORKER))
+    counting = FaultProxy(s3_server.endpoint).start()  # no faults: it counts requests by class and path
+    try:
+        run = run_workers(2, overrides(synth_shards, resumed, *WITH_WORKER, f"storage.endpoint_url={counting.url}"))
+        resume_reads = [i for i in counting.log if "/checkpoints/step_4/" in i[1]]
+    finally:
+        counting.stop()
     assert run.returncode == 0 and "resuming at step 4" in run.output, run.output[-3000:]
+    # O(files), not O(ranks x files): rank 0 reads the manifest once; each rank reads its own two files.
+    assert sorted(path.rsplit("/", 1)[1] for _, path in resume_reads) == sorted(
+        ["manifest.json", "rank_00000.json", "rank_00000.safetensors", "rank_00001.json", "rank_00001.safetensors"])
+    assert all(op == "GET" for op, _ in resume_reads), resume_reads
+    assert run.summary["samples_read"] == 8 * 16 and run.summary["skipped_total"] == 0  # counters carried over
     for kind in ("master", "ema"):
         assert_same(full_state(url, 8, kind), full_state(resumed, 8, kind))
     for rank in (0, 1):  # optimizer moments too, fragment by fragment
@@ -159,6 +169,7 @@ def test_elastic_resume_changes_world_size_and_zero_stage(synth_shards, straight
     run = run_workers(n2, overrides(synth_shards, url, f"zero.stage={z2}", *extra))
     assert run.returncode == 0 and "resuming at step 4" in run.output, run.output[-3000:]
     assert f"{n2} workers x micro-batch 8 x accumulation {2 // n2}" in run.output
+    assert run.summary["samples_read"] == 8 * 16  # totals survive another world size (not n2 x rank 0's)
     before, after = loader_state(url, 4), loader_state(url, 8)
     assert manifest(url, 8)["dir"] == "step_8"
     # Positions read before the checkpoint, then after it under the re-planned order.
@@ -294,6 +305,11 @@ def test_too_many_corrupt_samples_stop_the_run(s3_bucket, tmp_path, every):
     assert run.returncode == 2
     assert "were skipped as corrupt or unreadable, above data.max_skip_fraction=5.00%" in run.output, \
         run.output[-3000:]
+    import ast
+    import re
+
+    skipped, reasons = re.search(r"(\d+) of \d+ samples read .*Counts by reason: (\{[^}]*\})", run.output).groups()
+    assert sum(ast.literal_eval(reasons).values()) == int(skipped)  # the report adds up
 
 
 def test_a_different_config_refuses_to_resume(synth_shards, straight):
