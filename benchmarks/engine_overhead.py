@@ -4,12 +4,12 @@ World size 1: one process, a one-rank gloo group (so both sides run alternately 
 
 * A, the worker step: a ``pretrain.trainer.Trainer`` whose engine is built by its own
   ``_build_engine`` (DeepSpeed ZeRO-2, bf16, AdamW, sharded EMA) from ``configs/demo.toml``; each step
-  runs exactly what ``Trainer.fit`` runs per step: ``_control()`` (the per-step all-reduce),
-  ``train_step()`` (LR set, input prep, forward, non-finite check all-reduce, ``engine.backward``,
-  ``engine.step``, EMA update) and, every ``logging.every_steps``, ``_log()`` (loss all-reduce,
-  TensorBoard scalars to a local directory, console line). Only the data loader is replaced by
+  runs exactly what ``Trainer.fit`` runs per step: ``train_step()`` (LR set, on-device normalization
+  of the uint8 batch, forward, ``engine.backward``, ``engine.step``, EMA update), ``_control()`` (the
+  per-step all-reduce carrying the loss and the only host sync of ours) and, every
+  ``logging.every_steps``, ``_log()`` (TensorBoard scalars to a local directory, console line). Only the data loader is replaced by
   a ready batch, and mixup is off (augmentation is not engine work).
-* B, the bare loop: the same model and batch in bf16 weights with fp32 master copies and
+* B, the bare loop: the same model, batch and on-device normalization, in bf16 weights with fp32 master copies and
   ``torch.optim.AdamW(foreach=True)`` on the masters (the same numerics as DeepSpeed's bf16 mode):
   forward, the same soft-target loss, backward, grads copied to the masters, step, masters copied back.
 
@@ -61,6 +61,7 @@ def _config(workdir: str, px: int):
 
 def build_trainer(cfg, ctx):
     """A Trainer with its real engine, EMA and metrics, minus data/checkpoint set-up (not engine work)."""
+    from pretrain.checkpoint import CheckpointManager
     from pretrain.metrics import MetricsSink
     from pretrain.optim import step_plan
     from pretrain.trainer import Trainer
@@ -71,6 +72,8 @@ def build_trainer(cfg, ctx):
     trainer.loss_first = trainer.loss_last = None
     trainer.last_eval, trainer.data_changes = {}, []
     trainer.resumed_from, trainer.lease, trainer.on_first_step = 0, None, None
+    trainer.last_loss = float("nan")
+    trainer.checkpoints = CheckpointManager(cfg.run.url, cfg.checkpoint, cfg.storage, ctx.rank, ctx.world_size)
     trainer.accum = 1
     trainer.manifest = types.SimpleNamespace(num_samples=1_000_000)
     trainer.plan = step_plan(cfg.schedule, trainer.manifest.num_samples)
@@ -83,7 +86,8 @@ def build_trainer(cfg, ctx):
 
 def bare_loop(cfg, batch: dict):
     """The same model/batch/loss with bf16 weights, fp32 masters and torch AdamW: a closure per step."""
-    from pretrain.data.transforms import smooth_one_hot
+    from pretrain.data.transforms import DeviceAugment, smooth_one_hot
+    from pretrain.engine import cpu_bf16
     from pretrain.models import create_model
     from pretrain.objectives import soft_target_cross_entropy
     from pretrain.optim import lr_at, param_groups, step_plan
@@ -92,6 +96,9 @@ def bare_loop(cfg, batch: dict):
     torch.manual_seed(cfg.run.seed)
     model = create_model(m.name, num_classes=m.num_classes, drop_path_rate=m.drop_path_rate,
                          layer_scale_init=m.layer_scale_init, head_init_scale=m.head_init_scale)
+    if cpu_bf16.needed("bf16", torch.device("cpu")):
+        cpu_bf16.apply(model)  # as the worker does
+    augment = DeviceAugment(cfg.data, torch.device("cpu"))
     masters = [p.detach().clone().float() for p in model.parameters()]
     model = model.to(torch.bfloat16)
     params = list(model.parameters())
@@ -105,7 +112,7 @@ def bare_loop(cfg, batch: dict):
     def step() -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(state["step"], cfg.optim, plan)
-        x = batch["image"].contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+        x = augment(batch["image"]).to(torch.bfloat16)  # uint8 NHWC -> normalized NCHW, channels last
         target = smooth_one_hot(batch["label"], m.num_classes, cfg.data.label_smoothing)
         loss = soft_target_cross_entropy(model(x), target)
         loss.backward()
@@ -128,8 +135,8 @@ def run(ctx: Context, rows: dict[str, Row]) -> None:
     dist_ctx = init_distributed(300.0)  # one group for the whole run: DeepSpeed caches it (see __main__)
     trainer = build_trainer(cfg, dist_ctx)
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(cfg.data.micro_batch_size, 3, cfg.data.image_size, cfg.data.image_size,
-                                  generator=g),
+    size = (cfg.data.micro_batch_size, cfg.data.image_size, cfg.data.image_size, 3)
+    batch = {"image": torch.randint(0, 256, size, generator=g, dtype=torch.uint8),
              "label": torch.randint(0, cfg.model.num_classes, (cfg.data.micro_batch_size,), generator=g),
              "skipped": {}}
 
@@ -144,10 +151,9 @@ def run(ctx: Context, rows: dict[str, Row]) -> None:
     def worker_rep() -> None:
         with contextlib.redirect_stdout(sink):
             for _ in range(STEPS_PER_REP):
-                trainer._control()
-                loss = trainer.train_step(stream, times)
+                trainer._control(trainer.train_step(stream, times))  # as Trainer.fit, per step
                 if trainer.step % cfg.logging.every_steps == 0:
-                    trainer._log(loss, times, 1.0, STEPS_PER_REP)
+                    trainer._log(times, 1.0, STEPS_PER_REP)
                     times.reset()
 
     bare = bare_loop(cfg, batch)

@@ -176,7 +176,8 @@ def worker(out_dir: str, model: str, stages: list[int]) -> None:
         engine = trainer.engine
         psi = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         g = torch.Generator().manual_seed(dist_ctx.rank)
-        batch = {"image": torch.randn(MICRO, 3, cfg.data.image_size, cfg.data.image_size, generator=g),
+        size = (MICRO, cfg.data.image_size, cfg.data.image_size, 3)
+        batch = {"image": torch.randint(0, 256, size, generator=g, dtype=torch.uint8),
                  "label": torch.randint(0, CLASSES, (MICRO,), generator=g), "skipped": {}}
         trainer.train_step(iter([batch]), StepTimes())  # optimizer states exist from here on
         x, target = trainer._inputs(batch, 0)

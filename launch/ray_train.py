@@ -26,6 +26,7 @@ from typing import Any
 
 from pretrain import storage
 from pretrain.config import Config, config_to_dict
+from pretrain.engine.distributed import nccl_debug_env
 from pretrain.run_status import RunStatus, exit_code
 
 log = logging.getLogger(__name__)
@@ -195,9 +196,14 @@ def _train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                          ray.train.get_context().get_world_rank())
     if hooks.verdict:
         return {"status": RunStatus.FAILED.value, "error": hooks.verdict}
+    device = None
+    if loop_config["config"]["launch"]["use_gpu"]:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()  # this worker's own GPU (not LOCAL_RANK: see gpus_per_worker)
     try:
         return train_worker(loop_config["config"], stop_requested=hooks, lease_holder=loop_config["lease_holder"],
-                            on_first_step=hooks.on_first_step)
+                            on_first_step=hooks.on_first_step, device=device)
     except RUN_ENDING as exc:
         return {"status": RunStatus.FAILED.value, "error": f"{type(exc).__name__}: {exc}"}
     except BaseException as exc:
@@ -245,7 +251,8 @@ def _run_on_ray(cfg: Config, address: str | None, lease_holder: str) -> int:
 
     address = address or cfg.launch.address or "local"  # "local": a new Ray here, not a stale one
     namespace = "convnext-pretrain"
-    env = {**forwarded_env(), "PRETRAIN_PREEMPTION_GRACE_S": str(cfg.launch.preemption_grace_s),
+    env = {**forwarded_env(), **nccl_debug_env(cfg.launch.nccl_trace_dir),
+           "PRETRAIN_PREEMPTION_GRACE_S": str(cfg.launch.preemption_grace_s),
            "RAY_CHDIR_TO_TRIAL_DIR": "0",
            # Ray Train would also route print() through the root logger: every line twice.
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

@@ -73,6 +73,10 @@ class ModelConfig:
     """Feed inputs, and so all activations, in channels_last memory format (parameters stay contiguous)."""
     init_from: str = ""
     """Optional weights to start from (official {'model': ...} .pth, timm .pth or .safetensors)."""
+    compile: bool = False
+    """torch.compile each block in place (regional: ZeRO's gradient hooks still fire per block, parameter
+    names unchanged); works with activation checkpointing."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
     def __post_init__(self) -> None:
         _check(self.name in VARIANTS, "model.name", f"unknown variant {self.name!r}; valid: {sorted(VARIANTS)}")
@@ -197,8 +201,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 0.0
     """Global gradient-norm clip; 0 disables."""
-    implementation: Literal["auto", "torch", "fused"] = "auto"
-    """auto: DeepSpeed's FusedAdam on CUDA, torch.optim.AdamW on CPU."""
+    implementation: Literal["auto", "torch", "torch_fused", "deepspeed_fused"] = "auto"
+    """auto: torch.optim.AdamW, fused=True on CUDA (foreach on CPU); torch: foreach AdamW; torch_fused:
+    fused AdamW; deepspeed_fused: DeepSpeed's FusedAdam (JIT-built: needs nvcc of torch's CUDA version)."""
     max_nonfinite_in_row: int = 10
     """Stop with an error after this many consecutive micro-batches with a non-finite loss."""
 
@@ -253,16 +258,28 @@ class ZeroConfig:
     stage: int = 2
     """ZeRO stage: 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters) partitioned over workers."""
     overlap_comm: bool = False
+    """Reduce each full gradient bucket on a side stream while backward continues (needs buckets smaller
+    than the model: see reduce_bucket_size)."""
     contiguous_gradients: bool = True
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
+    reduce_bucket_size: int = 0
+    """Elements per gradient-reduction bucket; 0 = auto: parameters / 8, clamped to [1e7, 2e8] (XL: 4.9e7).
+    A bucket larger than the model never fills during backward, so nothing would overlap."""
+    allgather_bucket_size: int = 0
+    """Elements per parameter all-gather bucket (0 = same as the reduce bucket; NCCL ignores it)."""
+    communication_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype of the gradient reductions; auto = the model dtype (DeepSpeed's default: bf16 sums in bf16).
+    The GPU recipes reduce in fp32."""
+    grad_accum_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype gradients accumulate in across micro-batches; auto = the model dtype. fp32 with ZeRO-1 and
+    bf16 uses DeepSpeed's BF16_Optimizer (a full fp32 gradient buffer per rank)."""
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
 
     def __post_init__(self) -> None:
         _check(self.stage in (1, 2, 3), "zero.stage", f"must be 1, 2 or 3, got {self.stage}")
-        for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
-            _check(getattr(self, key) >= 1, f"zero.{key}", "must be >= 1")
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            _check(getattr(self, key) >= 0, f"zero.{key}", "must be >= 0 (0 = auto)")
+        _check(self.stage3_prefetch_bucket_size >= 1, "zero.stage3_prefetch_bucket_size", "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,6 +332,8 @@ class LoggingConfig:
     """Write a grid of augmented training images to TensorBoard at the start."""
     peak_tflops: float = 0.0
     """Accelerator bf16 dense peak for MFU; 0 = look up the device (CPU runs report no MFU)."""
+    measure_peak: bool = False
+    """On CUDA, time a large bf16 matmul at start and use it as the MFU peak (instead of the table)."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "logging.every_steps", f"must be >= 1, got {self.every_steps}")
@@ -355,11 +374,16 @@ class LaunchConfig:
     """After SIGTERM, the checkpoint must be committed within this many seconds."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """PACK keeps a node's GPUs together in one placement group bundle set."""
+    nccl_trace_dir: str = "/tmp/pretrain-nccl-trace"
+    """Where a rank whose collective times out writes its NCCL flight-recorder trace (`torchfrtrace DIR`)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "launch.num_workers", f"must be >= 1, got {self.num_workers}")
         _check(self.cpus_per_worker > 0, "launch.cpus_per_worker", "must be > 0")
         _check(self.gpus_per_worker > 0, "launch.gpus_per_worker", "must be > 0")
+        _check(not self.use_gpu or self.gpus_per_worker == 1, "launch.gpus_per_worker",
+               f"must be 1 with launch.use_gpu (one DeepSpeed rank per GPU), got {self.gpus_per_worker:g}; to use "
+               "more GPUs, raise launch.num_workers")
         _check(self.max_failures >= -1, "launch.max_failures", "must be >= 0, or -1 for unlimited")
         _check(self.max_repeated_startup_failures >= 1, "launch.max_repeated_startup_failures", "must be >= 1")
         _check(self.collective_timeout_s > 0, "launch.collective_timeout_s", "must be > 0")

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from pretrain.data.shards import load_synsets
+from pretrain.data.transforms import DeviceAugment
 from pretrain.engine.distributed import all_reduce_sum
 
 
@@ -23,16 +24,16 @@ def in1k_subset(classes: list[str]) -> np.ndarray | None:
 
 
 @torch.no_grad()
-def evaluate(forward, batches, device: torch.device, dtype: torch.dtype, channels_last: bool,
+def evaluate(forward, batches, prepare: DeviceAugment, dtype: torch.dtype,
              subset_1k: np.ndarray | None) -> dict[str, float]:
-    """Top-k accuracy over all ranks. `batches` must yield the same number of batches on every rank."""
+    """Top-k accuracy over all ranks. `batches` (uint8 images) must yield the same number of batches on every
+    rank; `prepare` normalizes them on the device (channels-last)."""
     correct1 = correct5 = total = 0.0
     sub1 = sub5 = sub_total = 0.0
+    device = prepare.mean.device
     subset = torch.as_tensor(subset_1k, device=device) if subset_1k is not None else None
     for batch in batches:
-        x = batch["image"].to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = prepare(batch["image"].to(device, non_blocking=True))
         y = batch["label"].to(device)
         logits = forward(x.to(dtype)).float()
         if len(y) == 0:

@@ -57,11 +57,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
-    """torch.optim.AdamW on CPU (DeepSpeed's FusedAdam would JIT-compile C++); FusedAdam on CUDA when asked."""
+    """AdamW over the model's parameter groups, as ``optim.implementation`` asks.
+
+    ``auto`` is torch's AdamW: fused on CUDA, foreach on CPU. DeepSpeed's FusedAdam is only used when asked
+    for (``deepspeed_fused``): it is JIT-compiled at run time (an nvcc of torch's CUDA version, a failed
+    build only warns) and buys nothing here, since each rank updates only its Ψ/N partition.
+    """
     groups = param_groups(model, cfg.weight_decay)
-    use_fused = cfg.implementation == "fused" or (cfg.implementation == "auto" and on_cuda)
-    if use_fused:
+    impl = cfg.implementation
+    if impl == "deepspeed_fused":
         from pretrain.engine.deepspeed import fused_adam_class
 
         return fused_adam_class()(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+    fused = impl == "torch_fused" or (impl == "auto" and on_cuda)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             **({"fused": True} if fused else {"foreach": True}))

@@ -26,13 +26,15 @@ from pretrain.config import Config, config_to_dict, dump_toml, grad_accum_steps
 from pretrain.data.loader import EvalLoader, TrainLoader
 from pretrain.data.order import derive_seed
 from pretrain.data.reader import SKIP_REASONS
-from pretrain.data.transforms import build_mixup, smooth_one_hot
+from pretrain.data.transforms import DeviceAugment, build_mixup, smooth_one_hot
 from pretrain.ema import ShardedEma
+from pretrain.engine import cpu_bf16
 from pretrain.engine import deepspeed as ds
-from pretrain.engine.distributed import DistContext, all_gather_object, all_reduce_sum, any_rank, on_rank0
+from pretrain.engine.compilation import compile_blocks
+from pretrain.engine.distributed import DistContext, all_gather_object, all_reduce_sum, on_rank0
 from pretrain.evaluate import evaluate, in1k_subset
 from pretrain.lease import Lease
-from pretrain.metrics import MetricsSink, StepTimes, device_peak_flops, format_duration, memory_bytes
+from pretrain.metrics import InputStall, MetricsSink, StepTimes, device_peak_flops, format_duration, memory_bytes
 from pretrain.models import create_model
 from pretrain.models.flops import flops_per_image
 from pretrain.models.weights import load_weights
@@ -74,6 +76,8 @@ class Trainer:
         self.step_counters: Counter = Counter()
         """The same on every rank: nonfinite_skipped, fp16_overflow_steps, nonfinite_in_row."""
         self.data_totals: dict[str, float] = {}
+        self.last_loss = float("nan")
+        self.input_stall: InputStall | None = None
         self.loss_first: float | None = None
         self.loss_last: float | None = None
         self.last_eval: dict[str, Any] = {}
@@ -149,11 +153,21 @@ class Trainer:
         model = model.to(ctx.device)
         self.model_shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
         self.flops_per_image = flops_per_image(model, cfg.data.image_size)
+        if cpu_bf16.needed(cfg.precision.dtype, ctx.device):
+            cpu_bf16.apply(model)
+        if m.compile:
+            compile_blocks(model, m.compile_mode)
+        if ctx.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every batch has the same shape
         optimizer = build_optimizer(model, cfg.optim, on_cuda=ctx.device.type == "cuda")
         ds.quiet_deepspeed_logging()
         ds_config = ds.deepspeed_config(cfg.precision, cfg.zero, cfg.optim.grad_clip, cfg.data.micro_batch_size,
-                                        self.accum, ctx.world_size)
+                                        self.accum, ctx.world_size, sum(p.numel() for p in model.parameters()))
         self.engine = ds.initialize(model, optimizer, ds_config)
+        self.augment = DeviceAugment(cfg.data, ctx.device)
+        self.eval_augment = DeviceAugment(cfg.data, ctx.device, train=False)
+        self.peak_flops = device_peak_flops(cfg.logging, ctx.device)
+        self.input_stall = InputStall() if ctx.device.type == "cuda" else None
         self.dtype = ds.lp_dtype(cfg.precision)
         self.fragments = ds.local_fragments(self.engine)
         self.ema = ShardedEma(cfg.ema, self.fragments) if cfg.ema.enabled else None
@@ -310,10 +324,10 @@ class Trainer:
 
     def _inputs(self, batch: dict, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         device, cfg = self.ctx.device, self.cfg
-        x = batch["image"].to(device, non_blocking=True)
+        x = self.augment(batch["image"].to(device, non_blocking=True))  # uint8 NHWC -> normalized NCHW float
         y = batch["label"].to(device, non_blocking=True)
-        if cfg.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if not cfg.model.channels_last:
+            x = x.contiguous()
         if self.mixup is not None:
             # timm's Mixup draws from numpy's global RNG: seed it per micro-batch for exact resume.
             np.random.seed(derive_seed(cfg.run.seed, "mixup", self.step, self.ctx.rank, micro) % 2**32)
@@ -322,81 +336,99 @@ class Trainer:
             target = smooth_one_hot(y, cfg.model.num_classes, cfg.data.label_smoothing)
         return x.to(self.dtype), target
 
-    def train_step(self, batches: Iterator[dict], times: StepTimes) -> float:
-        """One optimizer step (accumulating `accum` micro-batches); returns the mean loss."""
+    def train_step(self, batches: Iterator[dict], times: StepTimes) -> tuple[torch.Tensor, int]:
+        """One optimizer step of `accum` micro-batches; returns (sum of the micro-batch losses, on the
+        device, and how many micro-batches had samples).
+
+        Nothing here waits for the device: losses stay on it until the step's control all-reduce, and a
+        step whose gradients are not finite is found and skipped (on every rank) by DeepSpeed's overflow
+        check in ``engine.step()``, the only host synchronisation DeepSpeed makes per step.
+        """
         ds.set_lr(self.engine, lr_at(self.step, self.cfg.optim, self.plan))
-        losses = []
-        micro = 0
-        while micro < self.accum:
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        with_samples = 0
+        for micro in range(self.accum):
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
             times.data_s += t1 - t0
+            if self.input_stall is not None:
+                self.input_stall.input_ready()
             self.data_counters["samples_read"] += len(batch["label"]) + sum(batch["skipped"].values())
             for reason, n in batch["skipped"].items():
                 self.data_counters[f"skipped/{reason}"] += n
             if not len(batch["label"]):
                 # Only a report of skipped samples: this rank takes part in the micro-step with zero
-                # weight, so that every rank runs the same collectives (the skip threshold is judged
-                # at the next step's control all-reduce).
-                if any_rank(False, self.ctx.device):  # another rank's loss was not finite: drop it everywhere
-                    self._on_nonfinite()
-                    continue
-                x = batch["image"].to(self.ctx.device, self.dtype)
-                self.engine.backward(self.engine(x).float().sum() * 0.0)
-                self.engine.step()
-                micro += 1
-                continue
-            if self.step == 0 and not losses and self.ctx.is_main and self.resumed_from is None:
-                self.metrics.image_grid(0, batch["image"], self.cfg.data.mean, self.cfg.data.std)
-            x, target = self._inputs(batch, micro + self.step_counters["nonfinite_in_row"])
-            loss = soft_target_cross_entropy(self.engine(x), target)
-            if any_rank(not bool(torch.isfinite(loss).item()), self.ctx.device):
-                self._on_nonfinite()
-                continue  # the micro-batch is dropped on every rank; the window takes the next one
-            self.step_counters["nonfinite_in_row"] = 0
+                # weight, so that every rank runs the same collectives (the skip threshold is judged by
+                # this step's control all-reduce).
+                x = self.augment(batch["image"].to(self.ctx.device)).to(self.dtype)
+                loss = self.engine(x).float().sum() * 0.0
+            else:
+                if self.step == 0 and micro == 0 and self.ctx.is_main and self.resumed_from is None:
+                    self.metrics.image_grid(0, batch["image"].permute(0, 3, 1, 2).float() / 255, (0, 0, 0),
+                                            (1, 1, 1))  # (N, H, W, C) uint8 -> (N, C, H, W) in [0, 1]
+                x, target = self._inputs(batch, micro)
+                loss = soft_target_cross_entropy(self.engine(x), target)
+                loss_sum += loss.detach()
+                with_samples += 1
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.detach())
-            micro += 1
+            if self.input_stall is not None:
+                self.input_stall.work_queued()
             times.compute_s += time.perf_counter() - t1
         self.step += 1
+        if ds.overflowed(self.engine):
+            self._on_overflow()
+        else:
+            self.step_counters["nonfinite_in_row"] = 0
         if self.ema is not None:
             self.ema.update(self.step)
-        if ds.overflowed(self.engine):
-            self.step_counters["fp16_overflow_steps"] += 1
-        return float(torch.stack(losses).float().mean()) if losses else float("nan")
+        return loss_sum, with_samples
 
-    def _on_nonfinite(self) -> None:
+    def _on_overflow(self) -> None:
+        """DeepSpeed skipped this step: fp16 loss-scale overflow, or (bf16/fp32) non-finite gradients."""
+        if self.cfg.precision.dtype == "fp16":
+            self.step_counters["fp16_overflow_steps"] += 1
+            return
         self.step_counters["nonfinite_skipped"] += 1
         self.step_counters["nonfinite_in_row"] += 1
         in_row = self.step_counters["nonfinite_in_row"]
-        log.warning("step %d: non-finite loss; micro-batch skipped (%d in a row)", self.step, in_row)
+        log.warning("step %d: non-finite gradients; the optimizer step was skipped on every rank (%d in a row)",
+                    self.step, in_row)
         if in_row >= self.cfg.optim.max_nonfinite_in_row:
             last = self.checkpoints.last_committed.name if self.checkpoints.last_committed else self.resumed_from
             raise NonFiniteLossError(
-                f"{in_row} consecutive micro-batches had a non-finite loss at step {self.step} "
+                f"{in_row} consecutive steps had non-finite gradients at step {self.step} "
                 f"(optim.max_nonfinite_in_row={self.cfg.optim.max_nonfinite_in_row}); the last committed "
                 f"checkpoint ({last}) is intact. Lower optim.lr or enable optim.grad_clip.")
 
-    def _reduce_data_counters(self, extra: list[float]) -> list[float]:
-        """One all-reduce: `extra` flags, then samples read and skipped per reason over every rank."""
+    def _reduce_data_counters(self, flags: list[float], loss: tuple[torch.Tensor, int] | None = None) -> list[float]:
+        """One all-reduce: `flags`, samples read and skipped per reason, and the step's loss sum and count.
+
+        Updates ``data_totals`` (global) and ``last_loss`` (mean over ranks); returns the reduced flags.
+        """
         local = [float(self.data_counters["samples_read"])]
         local += [float(self.data_counters[f"skipped/{r}"]) for r in SKIP_REASONS]
-        reduced = all_reduce_sum(extra + local, self.ctx.device)
-        flags, totals = reduced[:len(extra)], reduced[len(extra):]
+        if loss is not None:
+            local.append(float(loss[1]))
+        reduced = all_reduce_sum(flags + local, self.ctx.device, tail=loss[0] if loss is not None else None)
+        out, totals = reduced[:len(flags)], reduced[len(flags):]
+        if loss is not None:
+            count, loss_sum = totals[-2], totals[-1]
+            self.last_loss = loss_sum / count if count else float("nan")
+            totals = totals[:-2]
         self.data_totals = {"samples_read": totals[0],
                             **{f"skipped/{r}": v for r, v in zip(SKIP_REASONS, totals[1:]) if v}}
-        return flags
+        return out
 
-    def _control(self) -> bool:
-        """One all-reduce per step: a stop requested anywhere, a lost lease, a failed background save,
-        and the global skip counts."""
+    def _control(self, loss: tuple[torch.Tensor, int] | None = None) -> bool:
+        """The step's one all-reduce (and host sync): a stop requested anywhere, a lost lease, a failed
+        background save, the global skip counts and the step's mean loss."""
         lost = self.lease is not None and self.lease.lost is not None
         error = self.checkpoints.take_error()
         stop, lost_anywhere, failed, fatal = self._reduce_data_counters(
             [1.0 if self.stop_requested() else 0.0, float(lost), float(error is not None),
-             float(isinstance(error, FatalRunError))])
+             float(isinstance(error, FatalRunError))], loss)
         if lost_anywhere:
             raise self.lease.lost if lost else _lease_lost_elsewhere(self.cfg)
         self._agree_on_checkpoints(error, [failed, fatal])
@@ -427,19 +459,20 @@ class Trainer:
         times = StepTimes()
         window_start, window_steps = time.perf_counter(), 0
         while self.step < total:
-            if self._control():
-                return self._preempt()
             loss = self.train_step(batches, times)
+            stop = self._control(loss)
             if window_steps == 0 and self.on_first_step is not None:
                 self.on_first_step()
                 self.on_first_step = None
             window_steps += 1
+            if stop:
+                return self._preempt()
             if self.step % self.cfg.checkpoint.every_steps == 0 and self.step < total:
                 times.checkpoint_s += self.save()
             if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0 and self.step < total:
                 self.run_eval()
             if self.step % self.cfg.logging.every_steps == 0 or self.step in (1, total):
-                self._log(loss, times, time.perf_counter() - window_start, window_steps)
+                self._log(times, time.perf_counter() - window_start, window_steps)
                 window_start, window_steps = time.perf_counter(), 0
                 times.reset()
         self._reduce_data_counters([])
@@ -466,21 +499,21 @@ class Trainer:
             f"{where}: {cfg.model.name} on {self.manifest.num_samples} samples / {self.manifest.num_classes} classes; "
             f"{self.ctx.world_size} workers x micro-batch {cfg.data.micro_batch_size} x accumulation {self.accum} = "
             f"{cfg.schedule.global_batch_size} per step; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
-            f"steps, {plan.warmup_steps} warmup; ZeRO-{cfg.zero.stage} {cfg.precision.dtype}; "
+            f"steps, {plan.warmup_steps} warmup; ZeRO-{cfg.zero.stage} {cfg.precision.dtype} "
+            f"({ds.describe(self.engine)}); "
             f"EMA {'on' if self.ema else 'off'}; checkpoints -> {self.checkpoints.root}")
         for note in self.scan.unusable:
             self.metrics.console(f"unusable checkpoint passed over: {note}")
         self.metrics.text("config", "```\n" + str(config_to_dict(cfg)) + "\n```")
 
-    def _log(self, loss: float, times: StepTimes, elapsed: float, steps: int) -> None:
+    def _log(self, times: StepTimes, elapsed: float, steps: int) -> None:
         ctx, cfg = self.ctx, self.cfg
-        loss_sum, = all_reduce_sum([loss], ctx.device)
-        loss_mean = loss_sum / ctx.world_size
+        loss_mean = self.last_loss  # from this step's control all-reduce: no extra collective
         self.loss_first = loss_mean if self.loss_first is None else self.loss_first
         self.loss_last = loss_mean
         images_per_s = cfg.schedule.global_batch_size * steps / max(elapsed, 1e-9)
         train_flops = 3 * self.flops_per_image * images_per_s
-        peak = device_peak_flops(cfg.logging, ctx.device)
+        peak = self.peak_flops
         mfu = train_flops / (peak * ctx.world_size) if peak else None
         remaining = (self.plan.total_steps - self.step) * elapsed / max(steps, 1)
         lr = lr_at(self.step - 1, cfg.optim, self.plan)
@@ -490,6 +523,7 @@ class Trainer:
             "train/images_per_s_per_worker": images_per_s / ctx.world_size,
             "time/step_s": elapsed / max(steps, 1), "time/data_wait_s": times.data_s / max(steps, 1),
             "time/compute_s": times.compute_s / max(steps, 1), "time/checkpoint_stall_s": times.checkpoint_s / max(steps, 1),
+            "time/input_stall_s": self.input_stall.take() / max(steps, 1) if self.input_stall else None,
             "perf/train_tflops": train_flops / 1e12, "perf/mfu": mfu, "memory/max_bytes": memory_bytes(ctx.device),
             "train/epoch": self.step * cfg.schedule.global_batch_size / self.manifest.num_samples,
             "train/nonfinite_skipped": self.step_counters["nonfinite_skipped"],
@@ -534,11 +568,10 @@ class Trainer:
         was_training = module.training
         module.eval()
         try:
-            results = {"model": evaluate(self.engine, loader, ctx.device, self.dtype, cfg.model.channels_last, subset)}
+            results = {"model": evaluate(self.engine, loader, self.eval_augment, self.dtype, subset)}
             if self.ema is not None:
                 with self.ema_weights():
-                    results["ema"] = evaluate(self.engine, loader, ctx.device, self.dtype, cfg.model.channels_last,
-                                              subset)
+                    results["ema"] = evaluate(self.engine, loader, self.eval_augment, self.dtype, subset)
         finally:
             module.train(was_training)
         flat = {f"eval/{which}/{k}": v for which, r in results.items() for k, v in r.items()}

@@ -60,14 +60,16 @@ def setup_logging(rank: int) -> None:
 
 
 def train_worker(config: dict[str, Any], stop_requested: Callable[[], bool] | None = None,
-                 lease_holder: str = "", on_first_step: Callable[[], None] | None = None) -> dict[str, Any]:
+                 lease_holder: str = "", on_first_step: Callable[[], None] | None = None,
+                 device: torch.device | None = None) -> dict[str, Any]:
     """Train with `config` (a resolved config dict) in this process; returns the run summary.
 
     `lease_holder` is the id under which a driver holds the run's lease (also read from
     ``PRETRAIN_LEASE_HOLDER``); without one, rank 0 takes the lease itself and releases it at the end.
     `on_first_step` is called once this process completes its first optimizer step (restart policy).
+    `device` is the GPU the launcher assigned (Ray); without it, torchrun's LOCAL_RANK picks it.
     """
-    from pretrain.engine.distributed import destroy, init_distributed
+    from pretrain.engine.distributed import destroy, init_distributed, nccl_debug_env
     from pretrain.lease import HOLDER_ENV
     from pretrain.trainer import Trainer
 
@@ -76,7 +78,11 @@ def train_worker(config: dict[str, Any], stop_requested: Callable[[], bool] | No
     created_group = not torch.distributed.is_initialized()
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(cfg.launch.cpus_per_worker)))
-    ctx = init_distributed(cfg.launch.collective_timeout_s)
+    for key, value in nccl_debug_env(cfg.launch.nccl_trace_dir).items():
+        os.environ.setdefault(key, value)  # torchrun: before the process group exists (Ray sets them itself)
+    if torch.cuda.is_available():
+        os.makedirs(cfg.launch.nccl_trace_dir, exist_ok=True)
+    ctx = init_distributed(cfg.launch.collective_timeout_s, device)
     setup_logging(ctx.rank)
     stop = StopFlag(stop_requested)
     stop.install()

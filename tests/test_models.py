@@ -263,10 +263,11 @@ def test_training_step_with_drop_path_matches_timm(name):
 
 
 def test_bf16_matches_timm_and_runs_through_fp32_kernels_without_native_bf16():
-    from pretrain.models import cpu_bf16
+    from pretrain.engine import cpu_bf16
 
     torch.manual_seed(0)
     ours = randomized("convnext_atto", num_classes=10).train()
+    cpu_bf16.apply(ours)  # what the trainer does on a CPU without bf16 instructions
     theirs = _timm_twin("convnext_atto", ours).train()
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     loss, grads = _train_step(ours, x, seed=0, amp=True)
@@ -290,3 +291,29 @@ def test_bf16_matches_timm_and_runs_through_fp32_kernels_without_native_bf16():
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
     if not cpu_bf16._native_cpu_bf16():
         assert torch.equal(y, (a.bfloat16().float() @ w.bfloat16().float().T).bfloat16())
+
+
+def test_the_model_has_only_stock_layers_and_the_cpu_emulation_is_applied_from_outside():
+    """On CUDA (or the meta device) the model is plain nn.Conv2d / F.linear; the engine swaps in the CPU
+    bf16 emulation only where it is needed, keeping every option (padding mode, dilation) and key."""
+    import torch.nn.functional as F
+
+    from pretrain.engine import cpu_bf16
+    from pretrain.models.convnext import PointwiseLinear
+
+    with torch.device("meta"):
+        model = create_model("convnext_atto", num_classes=10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, PointwiseLinear)]
+    assert convs and all(type(m) is torch.nn.Conv2d for m in convs)
+    assert linears and all(m.linear is F.linear for m in linears)
+    assert not cpu_bf16.needed("bf16", torch.device("cuda")) and not cpu_bf16.needed("fp32", torch.device("cpu"))
+    cpu = create_model("convnext_atto", num_classes=10)
+    keys = list(cpu.state_dict())
+    assert cpu_bf16.apply(cpu) == len(convs) + len(linears) and list(cpu.state_dict()) == keys
+    conv = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, padding_mode="reflect").bfloat16()
+    reference = conv(torch.randn(1, 4, 9, 9).bfloat16())
+    x = torch.randn(1, 4, 9, 9).bfloat16()
+    expected = conv(x)
+    cpu_bf16.apply(conv)
+    assert torch.allclose(conv(x).float(), expected.float(), rtol=2e-2, atol=2e-2) and reference.shape == (1, 4, 9, 9)

@@ -119,3 +119,46 @@ def test_smooth_one_hot():
     assert torch.allclose(target.sum(1), torch.ones(2))
     assert target[0, 2].item() == pytest.approx(0.85) and target[0, 0].item() == pytest.approx(0.05)
     assert torch.equal(smooth_one_hot(torch.tensor([1]), 3, 0.0), torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+def _seeded_images(n: int = 6, size: int = 48) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_uint8_collation_and_device_normalization_equal_the_host_transform():
+    """Batches cross shared memory as uint8 channels-last; normalizing on the device gives exactly what
+    ToTensor + Normalize gave on the host (random erasing off here: it moved too, see below)."""
+    from torch.utils.data import default_collate
+
+    from pretrain.data.transforms import DeviceAugment
+
+    cfg = DataConfig(image_size=32, randaugment="rand-m9-mstd0.5-inc1", random_erasing=0.0)
+    host, uint8 = build_train_transform(cfg), build_train_transform(cfg, uint8=True)
+    reference, crops = [], []
+    for i, image in enumerate(_seeded_images()):
+        for transform, out in ((host, reference), (uint8, crops)):
+            random.seed(i)
+            np.random.seed(i)
+            torch.manual_seed(i)
+            out.append(transform(image))
+    batch = default_collate(crops)
+    assert batch.dtype == torch.uint8 and batch.shape == (6, 32, 32, 3) and batch.is_contiguous()
+    x = DeviceAugment(cfg, torch.device("cpu"))(batch)
+    assert x.shape == (6, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, torch.stack(reference))
+    held_out = DeviceAugment(cfg, torch.device("cpu"), train=False)
+    eval_batch = default_collate([build_eval_transform(cfg, uint8=True)(im) for im in _seeded_images()])
+    assert torch.equal(held_out(eval_batch), torch.stack([build_eval_transform(cfg)(im) for im in _seeded_images()]))
+
+
+def test_random_erasing_runs_on_the_device_batch():
+    from pretrain.data.transforms import DeviceAugment
+
+    cfg = DataConfig(image_size=32, random_erasing=1.0, random_erasing_mode="pixel")
+    batch = torch.full((64, 32, 32, 3), 128, dtype=torch.uint8)
+    random.seed(0)
+    x = DeviceAugment(cfg, torch.device("cpu"))(batch)
+    plain = DeviceAugment(cfg, torch.device("cpu"), train=False)(batch)
+    erased = (x != plain).any(dim=1).float().mean(dim=(1, 2))  # fraction of each image's pixels replaced
+    assert (erased > 0).float().mean() > 0.9 and 0.02 <= erased.mean() <= 0.4  # timm: 2%..1/3 of the area

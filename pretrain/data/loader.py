@@ -138,7 +138,8 @@ class _TrainStreams(IterableDataset):
                     # A whole window without a batch: report the skips anyway (an empty batch at the last
                     # yielded cursor), so that the trainer's skip threshold sees them instead of this
                     # stream searching the shard set forever. On resume they are read and counted again.
-                    yield {"image": torch.zeros((0, *self.image_shape)), "label": torch.zeros(0, dtype=torch.long),
+                    yield {"image": torch.zeros((0, *self.image_shape), dtype=torch.uint8),
+                           "label": torch.zeros(0, dtype=torch.long),
                            "keys": [], "positions": [], "stream": stream, "cursor": last_cursor,
                            "skipped": dict(skipped)}
                     skipped = Counter()
@@ -170,7 +171,7 @@ class TrainLoader:
         self.topology = Topology(world_size, max(cfg.num_workers, 1), cfg.shuffle_window)
         self.state = LoaderState(seed, manifest.num_samples, self.topology, Plan(), [0] * self.topology.num_streams)
         self.num_classes = num_classes
-        self.transform = build_train_transform(cfg)
+        self.transform = build_train_transform(cfg, uint8=True)
 
     @property
     def num_samples(self) -> int:
@@ -178,7 +179,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         dataset = _TrainStreams(self.reader, self.order, self.state, self.rank, self.cfg.micro_batch_size,
-                                self.transform, self.num_classes, (3, self.cfg.image_size, self.cfg.image_size))
+                                self.transform, self.num_classes, (self.cfg.image_size, self.cfg.image_size, 3))
         per_rank = self.topology.streams_per_rank
         for batch in build_dataloader(dataset, self.cfg, self.state.seed, self.pin_memory):
             self.state.cursors[batch["stream"]] = batch["cursor"]
@@ -268,10 +269,10 @@ class EvalLoader:
         # Upper bound on batches any rank yields: each worker's share may end in a partial batch.
         self.num_batches = math.ceil(largest / batch_size) + workers
         self.dataset = _EvalStreams(ShardReader(url, manifest, storage_cfg), manifest,
-                                    self.block, batch_size, build_eval_transform(cfg), num_classes,
+                                    self.block, batch_size, build_eval_transform(cfg, uint8=True), num_classes,
                                     window=max(batch_size, cfg.shuffle_window))
         self.cfg = cfg
-        self.image_shape = (3, cfg.image_size, cfg.image_size)
+        self.image_shape = (cfg.image_size, cfg.image_size, 3)
 
     def __iter__(self) -> Iterator[dict]:
         count = 0
@@ -279,4 +280,5 @@ class EvalLoader:
             count += 1
             yield batch
         for _ in range(self.num_batches - count):
-            yield {"image": torch.zeros((0, *self.image_shape)), "label": torch.zeros(0, dtype=torch.long)}
+            yield {"image": torch.zeros((0, *self.image_shape), dtype=torch.uint8),
+                   "label": torch.zeros(0, dtype=torch.long)}

@@ -25,15 +25,29 @@ from pretrain.config import PrecisionConfig, ZeroConfig
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
+def bucket_elements(zero: ZeroConfig, num_params: int) -> tuple[int, int]:
+    """(reduce, allgather) bucket sizes in elements; 0 in the config means auto.
+
+    Rule: a reduce bucket of about 1/8 of the parameters, clamped to [1e7, 2e8] elements. With ``overlap_comm``
+    DeepSpeed reduces a bucket on a side stream as soon as it fills during backward, so it must be well
+    below the model size (the old default, 5e8, exceeds even ConvNeXt-XL's 392.9M: nothing overlapped), but
+    large enough that 128-rank all-reduce latency and per-bucket hook overhead stay small (XL: 4.9e7).
+    """
+    reduce = zero.reduce_bucket_size or int(min(max(num_params // 8, 10_000_000), 200_000_000))
+    allgather = zero.allgather_bucket_size or reduce
+    return reduce, allgather + allgather % 2  # DeepSpeed wants an even all-gather bucket
+
+
 def deepspeed_config(precision: PrecisionConfig, zero: ZeroConfig, grad_clip: float, micro_batch: int,
-                     accum_steps: int, world_size: int) -> dict[str, Any]:
+                     accum_steps: int, world_size: int, num_params: int) -> dict[str, Any]:
     """The DeepSpeed JSON, generated from our config (never kept by hand)."""
+    reduce_bucket, allgather_bucket = bucket_elements(zero, num_params)
     zero_section: dict[str, Any] = {
         "stage": zero.stage,
         "overlap_comm": zero.overlap_comm,
         "contiguous_gradients": zero.contiguous_gradients,
-        "reduce_bucket_size": zero.reduce_bucket_size,
-        "allgather_bucket_size": zero.allgather_bucket_size,
+        "reduce_bucket_size": reduce_bucket,
+        "allgather_bucket_size": allgather_bucket,
     }
     if zero.stage == 3:
         zero_section.update(stage3_prefetch_bucket_size=zero.stage3_prefetch_bucket_size,
@@ -43,13 +57,17 @@ def deepspeed_config(precision: PrecisionConfig, zero: ZeroConfig, grad_clip: fl
         "gradient_accumulation_steps": accum_steps,
         "train_batch_size": micro_batch * accum_steps * world_size,
         "zero_optimization": zero_section,
+        # check_grad_overflow (the default) is what skips a step whose gradients are not finite
         "bf16": {"enabled": precision.dtype == "bf16"},
         "fp16": {"enabled": False},
         "gradient_clipping": grad_clip,
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,
     }
+    if zero.communication_dtype != "auto":
+        config["communication_data_type"] = zero.communication_dtype
+    if zero.grad_accum_dtype != "auto":
+        config["data_types"] = {"grad_accum_dtype": zero.grad_accum_dtype}
     if precision.dtype == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0,
                           "initial_scale_power": precision.fp16_initial_scale_power,
@@ -83,6 +101,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
 
 
 def fused_adam_class():
+    """DeepSpeed's FusedAdam (JIT-compiled at first use: needs an nvcc of torch's CUDA major version)."""
     from deepspeed.ops.adam import FusedAdam
 
     return FusedAdam
@@ -114,15 +133,34 @@ def _is_stage3(engine) -> bool:
     return engine.zero_optimization_stage() == 3
 
 
-def ensure_optimizer_state(engine, step: int = 0) -> None:
-    """Create Adam's state tensors if the optimizer has not stepped yet (torch initializes lazily)."""
+def _fp32_partitions(engine) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions, one per parameter group.
+
+    ZeRO-1/2 keep them in ``single_partition_of_fp32_groups``; ZeRO-1 with bf16 and fp32 gradient
+    accumulation runs DeepSpeed's ``BF16_Optimizer``, which names them ``fp32_groups_flat_partition``;
+    ZeRO-3 ``fp32_partitioned_groups_flat``. Parameter-to-fragment links (``_hp_mapping``) are the same
+    for the first two.
+    """
     zero_opt = engine.optimizer
-    inner = zero_opt.optimizer
-    flats = zero_opt.fp32_partitioned_groups_flat if _is_stage3(engine) else zero_opt.single_partition_of_fp32_groups
-    for flat in flats:
+    for name in ("fp32_partitioned_groups_flat" if _is_stage3(engine) else "single_partition_of_fp32_groups",
+                 "fp32_groups_flat_partition"):
+        if hasattr(zero_opt, name):
+            return list(getattr(zero_opt, name))
+    raise TypeError(f"unsupported DeepSpeed optimizer {type(zero_opt).__name__}: no fp32 partitions found")
+
+
+def ensure_optimizer_state(engine, step: int = 0) -> None:
+    """Create Adam's state tensors if the optimizer has not stepped yet (torch initializes lazily).
+
+    The step counter lives where torch would put it: on the partition's device for fused (and
+    capturable) AdamW, whose CUDA kernel reads it there, else a CPU scalar.
+    """
+    inner = engine.optimizer.optimizer
+    for group, flat in zip(inner.param_groups, _fp32_partitions(engine)):
         state = inner.state[flat]
         if not state:
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=flat.device if on_device else "cpu")
             for key in ADAM_STATES:
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
 
@@ -149,16 +187,24 @@ def local_fragments(engine) -> list[Fragment]:
             out.append(Fragment(name, tuple(param.ds_shape), start, numel, flat.narrow(0, offset, numel),
                                 states, flat))
         return out
+    flats = _fp32_partitions(engine)
     for name, param in engine.module.named_parameters():
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:
             continue
-        flat = zero_opt.single_partition_of_fp32_groups[mapping.param_group_index]
+        flat = flats[mapping.param_group_index]
         hp = mapping.hp_fragment_address
         states = {k: inner.state[flat][k].narrow(0, hp.start, hp.numel) for k in ADAM_STATES}
         out.append(Fragment(name, tuple(param.shape), mapping.lp_fragment_address.start,
                             mapping.lp_fragment_address.numel, mapping.hp_fragment, states, flat))
     return out
+
+
+def describe(engine) -> str:
+    """The optimizer DeepSpeed built, e.g. 'DeepSpeedZeroOptimizer over AdamW (fused)'."""
+    inner = engine.optimizer.optimizer
+    fused = " (fused)" if any(g.get("fused") for g in inner.param_groups) else ""
+    return f"{type(engine.optimizer).__name__} over {type(inner).__name__}{fused}"
 
 
 def optimizer_step_count(engine) -> int:

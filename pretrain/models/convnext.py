@@ -6,8 +6,8 @@ Why this file exists instead of using timm's model directly:
   LayerNorm and the MLP Linears run on contiguous rows with no copies; only the depthwise / down-
   sampling convs see an (N, C, H, W) view, which with channels-last memory is free. Layer scale,
   stochastic depth and the residual add are one ``addcmul`` pass over the activation instead of
-  three. The 1x1-conv MLP of atto..nano runs as a Linear (timm runs it as a convolution). On CPUs
-  without bf16 instructions, bf16 GEMMs and convolutions go through fp32 kernels (``cpu_bf16``).
+  three. The 1x1-conv MLP of atto..nano runs as a Linear (timm runs it as a convolution). Layers are
+  stock ``nn.Conv2d`` / ``F.linear`` (the CPU bf16 emulation is applied by the engine, not built in).
 * DeepSpeed ZeRO-3. ZeRO-3 gathers a module's parameters only around that module's own ``forward``,
   so no forward here reads a child module's parameters (γ belongs to the block that uses it).
 
@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from pretrain.models import cpu_bf16
 
 LN_EPS = 1e-6
 
@@ -56,7 +54,7 @@ class DropPath(nn.Module):
 
 
 class PointwiseLinear(nn.Linear):
-    """Linear over the last (channel) dim (``cpu_bf16.linear``, so bf16 is fast on any CPU).
+    """Linear over the last (channel) dim.
 
     Args:
         in_features: Input channels.
@@ -70,17 +68,13 @@ class PointwiseLinear(nn.Linear):
         if conv_shape:
             self.weight = nn.Parameter(self.weight.detach().reshape(out_features, in_features, 1, 1))
 
+    linear = staticmethod(F.linear)
+    """The GEMM; ``pretrain.engine.cpu_bf16.apply`` replaces it on CPUs without native bf16."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out)."""
         weight = self.weight.flatten(1)  # [out, in, 1, 1] -> [out, in]; a no-op for 2-D weights
-        return cpu_bf16.linear(x, weight, self.bias)
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters) through ``cpu_bf16.conv2d``."""
-
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return cpu_bf16.conv2d(x, weight, bias, self.stride, self.padding, self.groups)
+        return self.linear(x, weight, self.bias)
 
 
 class Mlp(nn.Module):
@@ -111,7 +105,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init: float = 1e-6,
                  conv_mlp: bool = False):
         super().__init__()
-        self.conv_dw = Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, 4 * dim, conv_mlp)
         gamma = torch.full((dim,), float(layer_scale_init))
@@ -134,7 +128,7 @@ class Stem(nn.Sequential):
     """Patchify: Conv 4x4 stride 4 + LN. (N, C_in, H, W) -> (N, H/4, W/4, C)."""
 
     def __init__(self, in_chans: int, dim: int):
-        super().__init__(Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=LN_EPS))
+        super().__init__(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), nn.LayerNorm(dim, eps=LN_EPS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self[1](self[0](x).permute(0, 2, 3, 1))  # (N, C, H, W) -> (N, H, W, C)
@@ -145,7 +139,7 @@ class Downsample(nn.Sequential):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__(nn.LayerNorm(in_dim, eps=LN_EPS),
-                         Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
+                         nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self[1](self[0](x).permute(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)

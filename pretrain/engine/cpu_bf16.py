@@ -7,6 +7,10 @@ Rounding the inputs to bf16, running the fp32 oneDNN/MKL kernel and rounding the
 gives what a native bf16 kernel computes (bf16 inputs, their products exact in fp32, fp32
 accumulation, bf16 output) up to summation order, at fp32-kernel speed. Nothing changes where bf16
 is native (any GPU, AMX/AVX512-BF16 CPUs) or for fp32/fp16 compute.
+
+The model itself uses stock ``nn.Conv2d`` and ``F.linear``; :func:`apply` swaps its layers' classes for
+emulating subclasses (same parameters, state-dict keys and options) and is called by the trainer only
+on a CPU without native bf16 when training in bf16.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @functools.cache
@@ -46,11 +51,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return F.linear(_fp32(x), _fp32(weight), _fp32(bias)).to(torch.bfloat16)
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
-           groups: int) -> torch.Tensor:
-    """``F.conv2d`` (dilation 1); bf16 on a CPU without bf16 kernels runs the fp32 kernel."""
-    if not _emulate(x):
-        return F.conv2d(x, weight, bias, stride, padding, 1, groups)
-    with torch.autocast("cpu", enabled=False):
-        # .to() keeps the memory format, so channels-last stays channels-last
-        return F.conv2d(_fp32(x), _fp32(weight), _fp32(bias), stride, padding, 1, groups).to(torch.bfloat16)
+class _EmulatedConv2d(nn.Conv2d):
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not _emulate(x):
+            return super()._conv_forward(x, weight, bias)
+        with torch.autocast("cpu", enabled=False):
+            # .to() keeps the memory format, so channels-last stays channels-last
+            return super()._conv_forward(_fp32(x), _fp32(weight), _fp32(bias)).to(torch.bfloat16)
+
+
+def needed(dtype: str, device: torch.device) -> bool:
+    """Whether bf16 training on `device` needs the emulation."""
+    return dtype == "bf16" and device.type == "cpu" and not _native_cpu_bf16()
+
+
+def apply(model: nn.Module) -> int:
+    """Route `model`'s convolutions and pointwise Linears through the fp32 kernels; returns how many."""
+    from pretrain.models.convnext import PointwiseLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = _EmulatedConv2d
+            count += 1
+        elif type(module) is PointwiseLinear:
+            module.linear = linear  # the instance attribute shadows the class's F.linear
+            count += 1
+    return count
