@@ -205,7 +205,7 @@ class OptimConfig:
     """auto: torch.optim.AdamW, fused=True on CUDA (foreach on CPU); torch: foreach AdamW; torch_fused:
     fused AdamW; deepspeed_fused: DeepSpeed's FusedAdam (JIT-built: needs nvcc of torch's CUDA version)."""
     max_nonfinite_in_row: int = 10
-    """Stop with an error after this many consecutive micro-batches with a non-finite loss."""
+    """Stop with an error after this many consecutive optimizer steps skipped for non-finite gradients."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")

@@ -77,6 +77,8 @@ class Trainer:
         """The same on every rank: nonfinite_skipped, fp16_overflow_steps, nonfinite_in_row."""
         self.data_totals: dict[str, float] = {}
         self.last_loss = float("nan")
+        self.last_perf: dict[str, float | None] = {}
+        """The last logging window's throughput, times and memory (also in the run summary)."""
         self.input_stall: InputStall | None = None
         self.loss_first: float | None = None
         self.loss_last: float | None = None
@@ -163,7 +165,7 @@ class Trainer:
         ds.quiet_deepspeed_logging()
         ds_config = ds.deepspeed_config(cfg.precision, cfg.zero, cfg.optim.grad_clip, cfg.data.micro_batch_size,
                                         self.accum, ctx.world_size, sum(p.numel() for p in model.parameters()))
-        self.engine = ds.initialize(model, optimizer, ds_config)
+        self.engine = ds.initialize(model, optimizer, ds_config, cfg.launch.collective_timeout_s)
         self.augment = DeviceAugment(cfg.data, ctx.device)
         self.eval_augment = DeviceAugment(cfg.data, ctx.device, train=False)
         self.peak_flops = device_peak_flops(cfg.logging, ctx.device)
@@ -534,6 +536,8 @@ class Trainer:
             scalars["train/loss_scale"] = ds.loss_scaler_state(self.engine).get("cur_scale")
         scalars.update({f"data/{k}": v for k, v in self.data_totals.items() if k.startswith("skipped/")})
         self.metrics.scalars(self.step, scalars)
+        self.last_perf = {k.split("/", 1)[1]: v for k, v in scalars.items()
+                          if k.split("/", 1)[0] in ("perf", "time", "memory") or k.startswith("train/images_per_s")}
         data_pct = 100 * times.data_s / max(elapsed, 1e-9)
         self.metrics.console(
             f"step {self.step}/{self.plan.total_steps} epoch {scalars['train/epoch']:.2f} loss {loss_mean:.4f} "
@@ -592,7 +596,8 @@ class Trainer:
                 "tensorboard": storage.join(self.cfg.run.url, "tb"),
                 "samples_read": int(self.data_totals.get("samples_read", 0)), "skipped": skipped,
                 "skipped_total": sum(skipped.values()), "counters": dict(self.step_counters),
-                "unusable_checkpoints": list(self.scan.unusable), "data_changes": self.data_changes}
+                "unusable_checkpoints": list(self.scan.unusable), "data_changes": self.data_changes,
+                "perf": self.last_perf}
 
     def _release_lease(self) -> None:
         if self.lease is not None:

@@ -9,7 +9,9 @@ import torch
 import torch.distributed as dist
 
 from launch.local_s3 import free_port
+from pretrain.config import DataConfig
 from pretrain.data.shards import load_synsets
+from pretrain.data.transforms import DeviceAugment
 from pretrain.evaluate import evaluate, in1k_subset
 
 
@@ -42,9 +44,10 @@ def test_top1_top5_and_imagenet1k_subset_of_a_22k_head():
         logits[3, 5] = 1                              # right (22k-only class)
         return logits
 
-    batches = [{"image": torch.zeros(4, 3, 8, 8), "label": labels},
-               {"image": torch.zeros(0, 3, 8, 8), "label": torch.zeros(0, dtype=torch.long)}]  # padding
-    out = evaluate(forward, batches, torch.device("cpu"), torch.float32, False, subset)
+    batches = [{"image": torch.zeros(4, 8, 8, 3, dtype=torch.uint8), "label": labels},  # uint8 (N, H, W, 3)
+               {"image": torch.zeros(0, 8, 8, 3, dtype=torch.uint8), "label": torch.zeros(0, dtype=torch.long)}]
+    prepare = DeviceAugment(DataConfig(), torch.device("cpu"), train=False)
+    out = evaluate(forward, batches, prepare, torch.float32, subset)
     assert out["samples"] == 4 and out["top1"] == 0.5
     assert out["in1k_samples"] == 3 and out["in1k_top1"] == pytest.approx(2 / 3)
 

@@ -90,11 +90,34 @@ def _skip_inference_only_ops() -> None:
     deepspeed.ops.__dict__.setdefault("__compatible_ops__", {"deepspeed_shm_comm": False})
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+def _data_parallel_group_with_timeout(timeout_s: float) -> None:
+    """Give DeepSpeed's data-parallel group the run's collective timeout.
+
+    Without an mpu DeepSpeed reduces gradients over a clone of the world group that it creates with
+    ``new_group(ranks)``, and torch gives such a group the backend's default timeout (30 min), not the
+    world group's: a hung rank would stall every other rank inside backward for 30 minutes whatever
+    ``launch.collective_timeout_s`` says. The clone is cached in ``deepspeed.utils.groups._WORLD_GROUP``
+    (pinned to 0.19.x); creating it here, per process group, with the timeout is all that is needed.
+    """
+    import datetime
+
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    world = dist.group.WORLD
+    if getattr(groups, "_pretrain_world", None) is not world:  # a new default group (or the first engine)
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())),
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+        groups._pretrain_world = world
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any],
+               collective_timeout_s: float):
     """A DeepSpeed engine around `model`; torch.distributed must already be initialized."""
     import deepspeed
 
     _skip_inference_only_ops()
+    _data_parallel_group_with_timeout(collective_timeout_s)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     return engine
