@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test chaos bench bench-quick install clean
+.PHONY: demo test chaos bench bench-quick gpu-check install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ chaos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
+
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick $(ARGS)

@@ -83,3 +83,24 @@ def test_one_gpu_per_worker_is_required_on_gpu():
     with pytest.raises(ConfigError, match="launch.gpus_per_worker: must be 1"):
         LaunchConfig(use_gpu=True, gpus_per_worker=0.5)
     LaunchConfig(use_gpu=False, gpus_per_worker=0.5)  # CPU workers: no GPU assignment involved
+
+
+def test_gpu_check_dry_run_passes_end_to_end(tmp_path):
+    """`make gpu-check --dry-run`: the device script's own code path (recipe, torchrun worker, resume,
+    compile, optimizer choices, suite rows) on CPU with a tiny variant; every row passes and the resumed
+    run equals the uninterrupted one bitwise (CPU is deterministic)."""
+    import subprocess
+    import sys
+
+    from tests.workers import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--steps", "4",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(next(tmp_path.glob("dryrun-cpu-*.json")).read_text())
+    rows = {r["check"]: r for r in result["rows"]}
+    assert all(r["ok"] for r in rows.values()), rows
+    resume = rows["resume: max |resumed - uninterrupted| (master, EMA)"]
+    assert "bitwise equal: True" in resume["detail"], resume
+    assert rows["compiled: step time"]["value"] > 0 and rows["optimizer torch_fused: step time"]["value"] > 0
+    assert next(tmp_path.glob("dryrun-cpu-*.md")).read_text().startswith("# GPU check: ")
