@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = datetime.datetime.now().astimezone()
+    load_start = os.getloadavg()
     t0 = time.monotonic()
     ctx = make_context(args.quick, args.threads or None, log=lambda s: print(s, flush=True), reps=args.reps)
     modules = {name: importlib.import_module(f"benchmarks.{name}") for name in BENCHMARKS}
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - t0, 1),
         "benchmark_durations_s": durations,
+        "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "errors": errors,
         "machine": info,
     }

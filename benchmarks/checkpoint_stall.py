@@ -1,9 +1,8 @@
 """Checkpoint: what an asynchronous checkpoint stalls training for ÷ a blocking save + upload.
 
-World size 1, the worker's real checkpoint path: a ``pretrain.trainer.Trainer`` whose engine comes from
-its own ``_build_engine`` (DeepSpeed ZeRO-2, bf16, AdamW, sharded EMA) and whose checkpoint manager
-from its own ``_build_checkpointing`` on ``s3://bench-ckpt-<id>/run`` in the moto S3 server (over HTTP
-on loopback). The data loader is a real ``TrainLoader`` over a made-up 1.28M-image manifest (never
+World size 1, the worker's real checkpoint path: a ``pretrain.trainer.Trainer`` built by its own
+constructor (DeepSpeed ZeRO-2, bf16, AdamW, sharded EMA), its ``CheckpointManager`` on
+``s3://bench-ckpt-<id>/run`` in the moto S3 server (over HTTP on loopback). The data loader is a real ``TrainLoader`` over a made-up 1.28M-image manifest (never
 read: only its resume state goes into the checkpoint). A rank's state is its fp32 master weights,
 both Adam moments and the EMA, 16 bytes per parameter: ``convnext_nano`` (15.6M parameters, 250 MB,
 what an XL 22k rank holds at 25 workers) in the full run, ``convnext_atto`` (3.7M, 59 MB, close to
@@ -83,15 +82,11 @@ def _timed_uploads(log: list[tuple[int, float]]) -> Iterator[None]:
 
 def _trainer(ctx: Context, model: str):
     """The worker's Trainer: real engine, real CheckpointManager on S3, a real (never iterated) loader."""
-    from benchmarks.engine_overhead import build_trainer
+    from benchmarks.engine_overhead import build_trainer, stand_in_manifest
     from pretrain import storage
     from pretrain.checkpoint import CheckpointManager
     from pretrain.config import load_config
-    from pretrain.data.loader import TrainLoader
-    from pretrain.resume import DataIdentity
-    from pretrain.data.shards import Manifest, ShardInfo
     from pretrain.engine.distributed import init_distributed
-    from pretrain.optim import step_plan
 
     ctx.s3()
     url = f"s3://bench-ckpt-{uuid.uuid4().hex[:8]}/run"
@@ -99,20 +94,12 @@ def _trainer(ctx: Context, model: str):
     cfg = load_config(DEMO, [f"run.url={os.path.join(ctx.workdir, 'ckpt-metrics')}", "data.train_url=unused",
                              f"model.name={model}", f"model.num_classes={CLASSES}", "data.mixup=0.0",
                              "data.cutmix=0.0", "logging.image_grid=false", "launch.num_workers=1",
-                             "data.micro_batch_size=32", "schedule.global_batch_size=32",
+                             "data.micro_batch_size=32", "schedule.global_batch_size=32", "lease.enabled=false",
                              "checkpoint.keep_last=2", "schedule.steps=100000", "schedule.warmup_steps=10"])
-    trainer = build_trainer(cfg, init_distributed(300.0))  # metrics stay local: no TensorBoard sync to S3
+    # metrics stay local (no TensorBoard sync to S3); checkpoints go to S3
+    trainer = build_trainer(cfg, init_distributed(300.0), stand_in_manifest(CLASSES, IMAGES))
     trainer.cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, url=url))
     trainer.checkpoints = CheckpointManager(url, cfg.checkpoint, cfg.storage, 0, 1)
-    per_shard = 1000
-    trainer.manifest = Manifest(
-        num_samples=IMAGES, classes=[f"class_{i:04d}" for i in range(CLASSES)], label_source="sorted",
-        shards=[ShardInfo(f"shard-{i:06d}.tar", min(per_shard, IMAGES - i * per_shard), 10**8, "0" * 64)
-                for i in range(-(-IMAGES // per_shard))])
-    trainer.data_identity = DataIdentity(cfg.data.train_url, IMAGES, "0" * 64)
-    trainer.plan = step_plan(cfg.schedule, IMAGES)
-    trainer.loader = TrainLoader(cfg.data.train_url, trainer.manifest, cfg.data, cfg.storage, 0, 1, cfg.run.seed,
-                                 CLASSES)
     return trainer, url
 
 

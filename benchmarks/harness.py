@@ -9,11 +9,14 @@ that cannot run on this machine say ``not measured (...)`` and are never filled 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -157,32 +160,63 @@ class PairStats:
 
 def alternate(a: Callable[[], Any], b: Callable[[], Any], reps: int, warmup: int = 1,
               timer: Callable[[Callable[[], Any]], float] | None = None,
-              log: Callable[[str], None] | None = None) -> PairStats:
+              log: Callable[[str], None] | None = None, group: int = 1) -> PairStats:
     """Run A B A B ... (`warmup` untimed pairs first); returns the timed pairs.
 
     `timer(fn)` returns the seconds one call took (default: wall time of ``fn()``); benchmarks whose
     figure is not a wall time of the whole call (a stall inside a save, a rate) pass their own.
+    With ``group > 1`` a pair is the sums over `group` interleaved calls (A B A B ... `group` times):
+    short calls interleaved finely see the same machine state, so a load burst on a shared host hits
+    both sides of a pair instead of one.
     """
-    timer = timer or _wall
-    for _ in range(warmup):
+    timer = timer or wall_s
+    for _ in range(warmup * group):
         timer(a)
         timer(b)
     a_s, b_s = [], []
     for i in range(reps):
-        gc.collect()
-        a_s.append(timer(a))
-        gc.collect()
-        b_s.append(timer(b))
+        ta = tb = 0.0
+        for _ in range(group):
+            gc.collect()
+            ta += timer(a)
+            gc.collect()
+            tb += timer(b)
+        a_s.append(ta)
+        b_s.append(tb)
         if log:
             log(f"    pair {i + 1}/{reps}: A {a_s[-1] * 1e3:.1f} ms, B {b_s[-1] * 1e3:.1f} ms, "
                 f"A/B {a_s[-1] / b_s[-1]:.3f}")
     return PairStats(a_s, b_s)
 
 
-def _wall(fn: Callable[[], Any]) -> float:
+def wall_s(fn: Callable[[], Any]) -> float:
+    """Seconds one call of `fn` takes (wall clock)."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+class CpuClock:
+    """A timer for :func:`alternate` returning the CPU seconds this process (all its threads, user +
+    system) spent in a call. A process waiting for a core accrues none, so on a shared host a load burst
+    does not land on one side of a pair as it does in wall time. Wall seconds are kept per side too."""
+
+    def __init__(self) -> None:
+        self.wall: dict[Callable, list[float]] = {}
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        cpu, wall = time.process_time(), time.perf_counter()
+        fn()
+        self.wall.setdefault(fn, []).append(time.perf_counter() - wall)
+        return time.process_time() - cpu
+
+    def wall_pairs(self, a: Callable, b: Callable, reps: int, group: int = 1) -> PairStats:
+        """The wall seconds of the last `reps` pairs that :func:`alternate` timed with this clock."""
+        def sums(fn: Callable) -> list[float]:
+            calls = self.wall[fn][-reps * group:]
+            return [sum(calls[i * group:(i + 1) * group]) for i in range(reps)]
+
+        return PairStats(sums(a), sums(b))
 
 
 def fmt_s(seconds: float) -> str:
@@ -330,3 +364,47 @@ def machine_slug(info: dict[str, Any]) -> str:
     name = re.sub(r"\(r\)|\(tm\)|cpu @.*|processor", "", name.lower())
     name = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
     return re.sub(r"-+", "-", name)[:60]
+
+
+# ----------------------------------------------------------------------------------------- ranks
+
+
+def launch_ranks(ctx: Context, n: int, module: str, args: list[str], name: str, timeout_s: float = 600.0) -> str:
+    """Run ``python -m <module> --worker DIR <args>`` as `n` ranks of one gloo group (the environment
+    torchrun sets, one thread each, no GPU); returns DIR, where each rank leaves its results.
+
+    A rank that fails ends the others at once (they would wait in a collective until the timeout).
+    """
+    from pretrain.engine.distributed import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out_dir = os.path.join(ctx.workdir, name)
+    os.makedirs(out_dir, exist_ok=True)
+    port = str(free_port())
+    cmd = [sys.executable, "-m", module, "--worker", out_dir, *args]
+    procs: list[subprocess.Popen] = []
+    deadline = time.monotonic() + timeout_s
+    with contextlib.ExitStack() as logs:
+        try:
+            for rank in range(n):
+                env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                       "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+                log = logs.enter_context(open(os.path.join(out_dir, f"rank{rank}.log"), "w"))
+                procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT))
+            while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{module} workers ({n} ranks) still running after {timeout_s:.0f}s")
+                time.sleep(0.2)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    failed = sorted((rank for rank, proc in enumerate(procs) if proc.returncode != 0),
+                    key=lambda rank: procs[rank].returncode < 0)  # the one that failed before those killed
+    if failed:
+        with open(os.path.join(out_dir, f"rank{failed[0]}.log")) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"{module} worker rank {failed[0]} of {n} exited {procs[failed[0]].returncode}:\n{tail}")
+    return out_dir

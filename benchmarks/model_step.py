@@ -10,7 +10,8 @@ One step = forward + cross-entropy + backward + AdamW step + zero_grad. Both sid
   bfloat16`` path); the optimizer and the master weights stay fp32.
 
 Sides alternate ours, timm, ours, timm ... in one process; each figure is the median of the per-pair
-ratios after warm-up. ``python -m benchmarks.model_step --profile convnext_tiny 64 16 fp32`` prints a
+ratios after warm-up, of CPU seconds on CPU (``CpuClock``: a load burst on a shared host does not land
+on one side) and of synchronized wall time on CUDA. ``python -m benchmarks.model_step --profile convnext_tiny 64 16 fp32`` prints a
 torch.profiler op table of both sides (used for docs/benchmarks.md).
 """
 
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import NO_GPU, Context, Goal, Row, alternate, fmt_s
+from benchmarks.harness import NO_GPU, Context, CpuClock, Goal, PairStats, Row, alternate, fmt_s
 
 NAME = "model_step"
 GOAL = Goal("<=", 0.90)
@@ -129,8 +130,9 @@ def inputs(case: Case, num_classes: int = 1000):
 
 
 def _timer(device: str):
+    """CPU: CPU seconds of the process (robust to other load on a shared host); CUDA: synchronized wall time."""
     if device != "cuda":
-        return None
+        return CpuClock()
     import time
 
     def timer(fn):
@@ -143,14 +145,17 @@ def _timer(device: str):
     return timer
 
 
-def measure_case(case: Case, reps: int, warmup: int, log=print):
+def measure_case(case: Case, reps: int, warmup: int, log=print) -> tuple[PairStats, PairStats]:
+    """(the figure's pairs, wall-clock pairs); on CUDA both are the synchronized wall time."""
     ours, theirs = build_pair(case.model, case.device)
     x, y = inputs(case)
     a = make_step(ours, x, y, case.dtype, case.compile)
     b = make_step(theirs, x, y, case.dtype, case.compile)
-    stats = alternate(a, b, reps=reps, warmup=warmup, timer=_timer(case.device), log=log)
+    timer = _timer(case.device)
+    stats = alternate(a, b, reps=reps, warmup=warmup, timer=timer, log=log)
+    wall = timer.wall_pairs(a, b, reps) if isinstance(timer, CpuClock) else stats
     del a, b, ours, theirs
-    return stats
+    return stats, wall
 
 
 def run(ctx: Context, rows: dict[str, Row]) -> None:
@@ -161,15 +166,19 @@ def run(ctx: Context, rows: dict[str, Row]) -> None:
             continue
         ctx.log(f"  {case.id}")
         warmup = 3 if case.compile else (1 if case.dtype == "bf16" and case.device == "cpu" else 2)
-        stats = measure_case(case, reps, warmup, log=ctx.log)
+        stats, wall = measure_case(case, reps, warmup, log=ctx.log)
         row.set_pairs(stats)
-        ips_a, ips_b = case.batch / stats.a_median, case.batch / stats.b_median
-        row.context = (f"ours {fmt_s(stats.a_median)} ({ips_a:.1f} img/s), timm {fmt_s(stats.b_median)} "
+        ips_a, ips_b = case.batch / wall.a_median, case.batch / wall.b_median
+        row.context = (f"ours {fmt_s(wall.a_median)} ({ips_a:.1f} img/s), timm {fmt_s(wall.b_median)} "
                        f"({ips_b:.1f} img/s) per step")
-        row.detail = {"case": case.__dict__, "pairs": stats.to_json(), "threads": torch.get_num_threads(),
+        if wall is not stats:
+            row.context += (f" wall clock, ratio {wall.ratio:.3f} ({wall.ratio_min:.3f} – {wall.ratio_max:.3f}); CPU "
+                            f"seconds per step ours {fmt_s(stats.a_median)}, timm {fmt_s(stats.b_median)}")
+        row.detail = {"case": case.__dict__, "pairs": stats.to_json(), "pairs_wall": wall.to_json(),
+                      "threads": torch.get_num_threads(),
                       "optimizer": "AdamW fused" if case.device == "cuda" else "AdamW foreach",
                       "bf16_mode": "autocast" if case.dtype == "bf16" else None}
-        ctx.shared[case.id] = {"ours_s": stats.a_median, "timm_s": stats.b_median, "batch": case.batch}
+        ctx.shared[case.id] = {"ours_s": wall.a_median, "timm_s": wall.b_median, "batch": case.batch}
 
 
 # ----------------------------------------------------------------------------------------- profiling
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"==== {label}: {m} {s}px batch {b} {d}, {torch.get_num_threads()} threads, 3 steps\n{table}")
     if args.case:
         m, s, b, d = args.case
-        stats = measure_case(Case(m, int(s), int(b), d), args.reps, 2)
+        stats, _ = measure_case(Case(m, int(s), int(b), d), args.reps, 2)
         print(f"ours ÷ timm = {stats.ratio:.3f} (min {stats.ratio_min:.3f}, max {stats.ratio_max:.3f}); "
               f"ours {fmt_s(stats.a_median)}, timm {fmt_s(stats.b_median)}")
 

@@ -97,6 +97,10 @@ def write(out_dir: str, stem: str, meta: dict[str, Any], rows: list[Row], notes:
         f"{m['memory_gib']} GiB RAM, GPU: {gpu}. torch threads {m['torch_threads']} "
         f"(interop {m['torch_interop_threads']}).",
         "",
+        f"Load average (1, 5, 15 min) {', '.join(map(str, meta['load_average']['start']))} at the start, "
+        f"{', '.join(map(str, meta['load_average']['end']))} at the end: other processes may have shared the "
+        "machine; ratios timed in CPU seconds are the ones robust to that.",
+        "",
         f"Versions: torch {v['torch']}, deepspeed {v['deepspeed']}, timm {v['timm']}, ray {v['ray']}, "
         f"torchvision {v['torchvision']}, moto {v['moto']}, python {v['python']}.",
         "",

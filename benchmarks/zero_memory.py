@@ -36,23 +36,18 @@ the most (the one that runs out of memory first); every rank's ratio is in the c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
-from benchmarks.harness import MEASURED, Context, Goal, Row, fmt_bytes
+from benchmarks.harness import MEASURED, Context, Goal, Row, fmt_bytes, launch_ranks
 
 NAME = "zero_memory"
-MODEL, CLASSES, MICRO = "convnext_atto", 10, 4
+MODEL, CLASSES, MICRO, PX = "convnext_atto", 10, 4, 32
 STAGES = (1, 2, 3)
 WORLD_SIZES = (1, 2, 4)
 QUICK_WORLD_SIZES = (1, 2)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.toml")
 TERMS = ("params", "grads", "fp32_master", "adam")
 BUCKETS = ("ipg_buckets",)
 """ZeRO optimizer attributes holding communication buffers (sized by config, not by Ψ): not counted."""
@@ -154,38 +149,28 @@ def worker(out_dir: str, model: str, stages: list[int]) -> None:
     """One rank: for each stage build the engine, step, backward once more, count, write JSON."""
     import gc
 
-    import torch
-
-    from benchmarks.engine_overhead import build_trainer
-    from pretrain.config import load_config
+    from benchmarks.engine_overhead import build_trainer, config, fixed_batch
     from pretrain.engine.distributed import destroy, init_distributed
     from pretrain.metrics import StepTimes
-    from pretrain.objectives import soft_target_cross_entropy
 
     dist_ctx = init_distributed(300.0)
     n = dist_ctx.world_size
     results = []
     for stage in stages:
-        cfg = load_config(DEMO, [f"run.url={os.path.join(out_dir, f'run-{stage}')}", "data.train_url=unused",
-                                 f"model.name={model}", f"model.num_classes={CLASSES}", "ema.enabled=false",
-                                 "data.mixup=0.0", "data.cutmix=0.0", f"data.micro_batch_size={MICRO}",
-                                 f"schedule.global_batch_size={MICRO * n}", f"launch.num_workers={n}",
-                                 f"zero.stage={stage}", "zero.stage3_param_persistence_threshold=0",
-                                 "logging.image_grid=false", "schedule.steps=100", "schedule.warmup_steps=1"])
+        cfg = config(os.path.join(out_dir, f"run-{stage}"), f"model.name={model}", f"model.num_classes={CLASSES}",
+                     "ema.enabled=false", f"zero.stage={stage}", "zero.stage3_param_persistence_threshold=0",
+                     px=PX, micro=MICRO, ranks=n)
         trainer = build_trainer(cfg, dist_ctx)
         engine = trainer.engine
         psi = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-        g = torch.Generator().manual_seed(dist_ctx.rank)
-        size = (MICRO, cfg.data.image_size, cfg.data.image_size, 3)
-        batch = {"image": torch.randint(0, 256, size, generator=g, dtype=torch.uint8),
-                 "label": torch.randint(0, CLASSES, (MICRO,), generator=g), "skipped": {}}
+        batch = fixed_batch(cfg, dist_ctx.rank)
         trainer.train_step(iter([batch]), StepTimes())  # optimizer states exist from here on
-        x, target = trainer._inputs(batch, 0)
-        engine.backward(soft_target_cross_entropy(engine(x), target))
+        x, target = trainer.data.task.inputs(batch, dist_ctx.device, trainer.dtype, 0)
+        engine.backward(trainer.data.task.loss(engine(x), target))
         counts = count_model_states(engine)
         engine.step()
         results.append({"stage": stage, "rank": dist_ctx.rank, "world_size": n, "psi": psi, "bytes": counts})
-        trainer.metrics.close()
+        trainer.close()
         del trainer, engine
         gc.collect()
     with open(os.path.join(out_dir, f"rank{dist_ctx.rank}.json"), "w") as f:
@@ -197,42 +182,9 @@ def worker(out_dir: str, model: str, stages: list[int]) -> None:
 
 
 def launch(ctx: Context, n: int, stages: tuple[int, ...], timeout_s: float = 600.0) -> list[list[dict]]:
-    """Run `n` worker processes (one gloo group) over all `stages`; each rank's results.
-
-    A rank that fails ends the others at once (they would wait in a collective until the timeout).
-    """
-    from pretrain.engine.distributed import _free_port
-
-    out_dir = os.path.join(ctx.workdir, f"zero-n{n}")
-    os.makedirs(out_dir, exist_ok=True)
-    port = str(_free_port())
-    cmd = [sys.executable, "-m", "benchmarks.zero_memory", "--worker", out_dir, "--model", MODEL,
-           "--stages", ",".join(map(str, stages))]
-    procs: list[subprocess.Popen] = []
-    deadline = time.monotonic() + timeout_s
-    with contextlib.ExitStack() as logs:
-        try:
-            for rank in range(n):
-                env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                       "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-                log = logs.enter_context(open(os.path.join(out_dir, f"rank{rank}.log"), "w"))
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-            while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"ZeRO memory workers ({n} ranks) still running after {timeout_s:.0f}s")
-                time.sleep(0.2)
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-    failed = sorted((rank for rank, proc in enumerate(procs) if proc.returncode != 0),
-                    key=lambda rank: procs[rank].returncode < 0)  # the one that failed before those killed
-    if failed:
-        with open(os.path.join(out_dir, f"rank{failed[0]}.log")) as f:
-            tail = f.read()[-2000:]
-        raise RuntimeError(f"ZeRO memory worker rank {failed[0]} of {n} exited {procs[failed[0]].returncode}:\n{tail}")
+    """Run `n` worker processes (one gloo group) over all `stages`; each rank's results."""
+    out_dir = launch_ranks(ctx, n, "benchmarks.zero_memory", ["--model", MODEL, "--stages", ",".join(map(str, stages))],
+                           f"zero-n{n}", timeout_s)
     results = []
     for rank in range(n):
         with open(os.path.join(out_dir, f"rank{rank}.json")) as f:

@@ -103,7 +103,7 @@ class ShardTask:
 
 
 @dataclass
-class Plan:
+class ShardSetPlan:
     listing: Listing
     tasks: list[ShardTask]
     params: BuildParams
@@ -116,7 +116,7 @@ class Plan:
 
 
 def plan_shards(listing: Listing, params: BuildParams, dest: str,
-                storage_cfg: StorageConfig | None = None) -> Plan:
+                storage_cfg: StorageConfig | None = None) -> ShardSetPlan:
     """Seeded global shuffle, then split by sample count or estimated bytes, whichever comes first."""
     order = np.random.default_rng(params.seed).permutation(len(listing.items))
     groups: list[list[int]] = [[]]
@@ -145,7 +145,7 @@ def plan_shards(listing: Listing, params: BuildParams, dest: str,
     plan_sha = whole.hexdigest()
     for task in tasks:
         task.plan_sha256 = plan_sha
-    return Plan(listing, tasks, params, plan_sha)
+    return ShardSetPlan(listing, tasks, params, plan_sha)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ def make_shards(src: str, dest: str, *, source_type: str = "auto", labels: str =
     return _finish(plan, records, dest, storage_cfg)
 
 
-def _completed(plan: Plan, dest: str, storage_cfg: StorageConfig | None) -> dict[str, dict[str, Any]]:
+def _completed(plan: ShardSetPlan, dest: str, storage_cfg: StorageConfig | None) -> dict[str, dict[str, Any]]:
     """.done records of shards that are complete under this plan; refuses a different plan's shards."""
     present = set(storage.listdir(dest, storage_cfg))
     planned = {t.name: t for t in plan.tasks}
@@ -399,7 +399,7 @@ def _refuse(dest: str, old: dict[str, Any], new: dict[str, Any], why: str = "") 
                      "destination")
 
 
-def _finish(plan: Plan, records: dict[str, dict[str, Any]], dest: str,
+def _finish(plan: ShardSetPlan, records: dict[str, dict[str, Any]], dest: str,
             storage_cfg: StorageConfig | None) -> shards.Manifest:
     skipped = list(plan.listing.skipped)
     for task in plan.tasks:

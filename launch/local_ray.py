@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.local_s3 import free_port
+from pretrain.engine.distributed import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -72,7 +72,18 @@ class ModelConfig:
     channels_last: bool = True
     """Feed inputs, and so all activations, in channels_last memory format (parameters stay contiguous)."""
     init_from: str = ""
-    """Optional weights to start from (official {'model': ...} .pth, timm .pth or .safetensors)."""
+    """Weights a new run starts from (fine-tuning): a run.url (its newest committed checkpoint), a
+    `pretrain export` .safetensors, a timm .pth/.safetensors or an official {'model': ...} .pth; local
+    path or s3://. Ignored once the run has its own checkpoints (it resumes from those)."""
+    init_from_ema: bool = True
+    """From a run.url: its EMA weights (true) or its model weights (false). From a file: its EMA entry
+    ('state_dict_ema' / 'model_ema') when it has one, else its weights."""
+    head_from: Literal["auto", "keep", "fresh", "match_classes"] = "auto"
+    """The classifier (head.fc) of model.init_from. auto: keep it when its shape is this model's, else
+    fresh (the official --finetune rule); keep: load it, its shape must match; fresh: a new head scaled
+    by head_init_scale; match_classes: each training class takes the source row of the same class name
+    (22k -> 1k: the ImageNet-1k synsets' rows of a 21,841-class head; n04399382 'teddy bear' is not
+    among timm's 22k synsets and keeps a fresh row)."""
     compile: bool = False
     """torch.compile each block in place (regional: ZeRO's gradient hooks still fire per block, parameter
     names unchanged); works with activation checkpointing."""
@@ -86,6 +97,9 @@ class ModelConfig:
         _check(self.head_init_scale > 0, "model.head_init_scale", f"must be > 0, got {self.head_init_scale}")
         bad = [s for s in self.checkpoint_stages if s not in (0, 1, 2, 3)]
         _check(not bad, "model.checkpoint_stages", f"stage indices must be in 0..3, got {bad}")
+        _check(bool(self.init_from) or self.head_from == "auto", "model.head_from",
+               f"{self.head_from!r} needs model.init_from (the weights whose head it picks); without it the head "
+               "is always fresh: leave head_from = 'auto'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +220,9 @@ class OptimConfig:
     fused AdamW; deepspeed_fused: DeepSpeed's FusedAdam (JIT-built: needs nvcc of torch's CUDA version)."""
     max_nonfinite_in_row: int = 10
     """Stop with an error after this many consecutive optimizer steps skipped for non-finite gradients."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay (fine-tuning; 1 = off): a parameter in layer i of the official ConvNeXt
+    numbering (stem 0 ... stage 3 = 12, head 13 for S/B/L/XL) gets lr x layer_decay^(13 - i)."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -215,6 +232,8 @@ class OptimConfig:
         _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         _check(self.max_nonfinite_in_row >= 1, "optim.max_nonfinite_in_row", "must be >= 1")
+        _check(0 < self.layer_decay <= 1, "optim.layer_decay",
+               f"must be in (0, 1] (1 = off; the paper's fine-tuning uses 0.8), got {self.layer_decay}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -438,8 +457,16 @@ class LeaseConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    name: Literal["classification"] = "classification"
+    """What the run trains (pretrain/tasks/): each task supplies its head, loss, sample decoding,
+    augmentation, metrics and export layout; the rest of the system is shared."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -477,7 +504,7 @@ def grad_accum_steps(schedule: ScheduleConfig, data: DataConfig, num_workers: in
 RESUMABLE_CHANGES = ("run.allow_config_change", "run.allow_data_change", "run.name", "run.url", "data.num_workers",
                      "data.prefetch_factor", "data.micro_batch_size", "data.train_url", "data.eval_url",
                      "data.max_skip_fraction", "zero.", "checkpoint.", "logging.", "eval.", "launch.", "storage.",
-                     "lease.", "optim.implementation")
+                     "lease.", "optim.implementation", "model.compile", "model.compile_mode")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,10 +549,14 @@ def dump_toml(cfg: Config) -> str:
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-    """Human-readable differences between two resolved configs, skipping keys allowed to change."""
+    """Human-readable differences between two resolved configs, skipping keys allowed to change.
+
+    A key that `old` lacks (a checkpoint written before the key existed) counts as its default value."""
     diffs = []
+    defaults = config_to_dict(Config())
     for section in sorted(set(old) | set(new)):
-        a, b = old.get(section, {}), new.get(section, {})
+        a = {**defaults.get(section, {}), **old.get(section, {})}
+        b = new.get(section, {})
         for key in sorted(set(a) | set(b)):
             dotted = f"{section}.{key}"
             if any(dotted == p or (p.endswith(".") and dotted.startswith(p)) for p in ignore):

@@ -33,8 +33,8 @@ def evaluate(forward, batches, prepare: DeviceAugment, dtype: torch.dtype,
     device = prepare.mean.device
     subset = torch.as_tensor(subset_1k, device=device) if subset_1k is not None else None
     for batch in batches:
-        x = prepare(batch["image"].to(device, non_blocking=True))
-        y = batch["label"].to(device)
+        x = prepare(batch.image.to(device, non_blocking=True))
+        y = batch.target.to(device)
         logits = forward(x.to(dtype)).float()
         if len(y) == 0:
             continue

@@ -11,18 +11,54 @@ and drops the trained head).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
+import torch
 from safetensors.torch import save_file
 
 from pretrain import state_format
-from pretrain.checkpoint import CheckpointError, CheckpointManager
+from pretrain.checkpoint import CheckpointDir, CheckpointError, CheckpointManager
 from pretrain.config import CheckpointConfig, StorageConfig
+from pretrain.run_meta import CheckpointRecord
 
 
-def export(run_url: str, out_path: str, ema: bool = False, step: int | None = None,
-           storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+@dataclass
+class CommittedCheckpoint:
+    """One committed checkpoint of a run, opened for reading (export, ``model.init_from``)."""
+
+    manager: CheckpointManager
+    where: CheckpointDir
+    manifest: dict[str, Any]
+    record: CheckpointRecord
+
+    @property
+    def url(self) -> str:
+        return self.manager.url(self.where)
+
+    def weights(self, ema: bool) -> dict[str, torch.Tensor]:
+        """Full fp32 tensors (timm names) of the master weights or the EMA, from every rank's fragments."""
+        saved = state_format.rank_tables(self.record.fragment_tables)
+        kind = state_format.EMA if ema else state_format.MASTER
+        cache: dict[int, dict] = {}
+
+        def tensors_of(rank: int) -> dict:
+            if rank not in cache:
+                cache.clear()  # one rank file in memory at a time (consolidate reads each rank once)
+                cache[rank] = self.manager.fetch_tensors(self.where, self.manifest, rank)
+            return cache[rank]
+
+        if ema and not any(k.startswith(f"{state_format.EMA}/") for k in tensors_of(0)):
+            raise CheckpointError(f"{self.where.name} has no EMA (ema.enabled was false); export without --ema")
+        return {name: t.contiguous() for name, t in state_format.consolidate(saved, tensors_of, kind).items()}
+
+
+@contextlib.contextmanager
+def committed_checkpoint(run_url: str, step: int | None = None,
+                         storage_cfg: StorageConfig | None = None) -> Iterator[CommittedCheckpoint]:
+    """The newest committed checkpoint of `run_url` (or the one at `step`); raises CheckpointError if none."""
     manager = CheckpointManager(run_url, CheckpointConfig(), storage_cfg, rank=0, world_size=1)
     try:
         committed = manager.committed()
@@ -37,35 +73,29 @@ def export(run_url: str, out_path: str, ema: bool = False, step: int | None = No
                                       f"{sorted({d.step for d in committed})}")
             where = matching[-1]
         manifest = manager.read_manifest(where)
-        saved = state_format.rank_tables(r["fragments"] for r in manifest["ranks"])
-        kind = state_format.EMA if ema else state_format.MASTER
-        cache: dict[int, dict] = {}
+        yield CommittedCheckpoint(manager, where, manifest, CheckpointRecord.from_manifest(manifest))
+    finally:
+        manager.close()
 
-        def tensors_of(rank: int) -> dict:
-            if rank not in cache:
-                cache.clear()  # one rank file in memory at a time (consolidate reads each rank once)
-                cache[rank] = manager.fetch_tensors(where, manifest, rank)
-            return cache[rank]
 
-        if ema and not any(k.startswith(f"{state_format.EMA}/") for k in tensors_of(0)):
-            raise CheckpointError(f"{where.name} has no EMA (ema.enabled was false); export without --ema")
-        state = {name: t.contiguous() for name, t in state_format.consolidate(saved, tensors_of, kind).items()}
-        config = manifest["config"]
+def export(run_url: str, out_path: str, ema: bool = False, step: int | None = None,
+           storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+    with committed_checkpoint(run_url, step, storage_cfg) as ckpt:
+        state = ckpt.weights(ema)
+        step, run = ckpt.record.step, ckpt.record.run
+        config = run.config
         card = {"variant": config["model"]["name"], "num_classes": config["model"]["num_classes"],
-                "weights": "ema" if ema else "model", "step": manifest["step"],
-                "total_steps": manifest.get("total_steps"), "epoch": manifest.get("epoch"),
-                "classes": manifest.get("classes"), "label_source": manifest.get("data", {}).get("label_source"),
-                "data_manifest_sha256": manifest.get("data", {}).get("manifest_sha256"),
-                "train_url": manifest.get("data", {}).get("train_url"), "data_changes": manifest.get("data_changes"),
-                "metrics": manifest.get("metrics"), "recipe": config, "source": manager.url(where),
+                "task": config.get("task", {}).get("name", "classification"),
+                "weights": "ema" if ema else "model", "step": step, "total_steps": run.total_steps,
+                "epoch": run.epoch, "classes": run.classes, "label_source": run.label_source,
+                "data_manifest_sha256": run.data.manifest_sha256, "train_url": run.data.train_url,
+                "data_changes": run.data_changes, "metrics": run.metrics, "recipe": config, "source": ckpt.url,
                 "timm": f"timm.create_model('{config['model']['name']}', pretrained=True, "
                         f"pretrained_cfg_overlay=dict(file='{out_path}', num_classes="
                         f"{config['model']['num_classes']}))"}
         save_file(state, out_path, metadata={"format": "pt", "variant": card["variant"],
-                                            "step": str(manifest["step"]), "weights": card["weights"]})
+                                            "step": str(step), "weights": card["weights"]})
         card_path = out_path.rsplit(".", 1)[0] + ".json"
         with open(card_path, "w") as f:
             json.dump(card, f, indent=1)
-        return {"weights": out_path, "card": card_path, "step": manifest["step"], "num_tensors": len(state)}
-    finally:
-        manager.close()
+        return {"weights": out_path, "card": card_path, "step": step, "num_tensors": len(state)}

@@ -74,10 +74,7 @@ def check_run(cfg: Config, on_cuda: bool) -> DataSets:
         if not storage.exists(f"s3://{bucket}", cfg.storage):
             raise ConfigError(f"run.url: bucket {bucket!r} of {cfg.run.url} does not exist (or is not visible with "
                               "these credentials)")
-    if cfg.model.init_from:
-        _check_url("model.init_from", cfg.model.init_from)
-        if not storage.exists(cfg.model.init_from, cfg.storage):
-            raise ConfigError(f"model.init_from: {cfg.model.init_from} does not exist")
+    _check_url("model.init_from", cfg.model.init_from)
     if cfg.checkpoint.staging_dir:
         try:
             os.makedirs(cfg.checkpoint.staging_dir, exist_ok=True)
@@ -85,4 +82,26 @@ def check_run(cfg: Config, on_cuda: bool) -> DataSets:
             raise ConfigError(f"checkpoint.staging_dir: cannot create {cfg.checkpoint.staging_dir} ({exc})") from None
         if not os.access(cfg.checkpoint.staging_dir, os.W_OK):
             raise ConfigError(f"checkpoint.staging_dir: {cfg.checkpoint.staging_dir} is not writable")
-    return check_data(cfg)
+    datasets = check_data(cfg)
+    check_init_from(cfg, datasets.train)
+    return datasets
+
+
+def check_init_from(cfg: Config, train: Manifest) -> None:
+    """``model.init_from`` exists, reads and fits the model (:func:`pretrain.init_from.check`), unless the run
+    already has committed checkpoints: it resumes from those and never reads init_from again."""
+    if not cfg.model.init_from:
+        return
+    from pretrain.checkpoint import CheckpointManager
+    from pretrain.init_from import check
+
+    if cfg.model.init_from.rstrip("/") == cfg.run.url.rstrip("/"):
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} is this run's own run.url (a run resumes from its "
+                          "own checkpoints by itself); point it at another run or a weights file")
+    manager = CheckpointManager(cfg.run.url, cfg.checkpoint, cfg.storage, rank=0, world_size=1)
+    try:
+        resumes = bool(manager.committed())
+    finally:
+        manager.close()
+    if not resumes:
+        check(cfg.model, train.classes, cfg.storage)

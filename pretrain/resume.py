@@ -25,6 +25,7 @@ from pretrain.checkpoint import CheckpointDir, CheckpointError, CheckpointManage
 from pretrain.config import Config, ResumeMismatch, config_diff, config_to_dict
 from pretrain.engine.distributed import on_rank0
 from pretrain.run_errors import FatalRunError
+from pretrain.run_meta import CheckpointRecord, DataIdentity
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +34,13 @@ class NoUsableCheckpoint(CheckpointError, FatalRunError):
     """The run.url holds committed checkpoints, but none of them can be loaded."""
 
 
-@dataclass(frozen=True)
-class DataIdentity:
-    """What identifies a shard set: a re-built set has another sample count or manifest digest."""
-
-    train_url: str
-    num_samples: int
-    manifest_sha256: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"train_url": self.train_url, "num_samples": self.num_samples, "manifest_sha256": self.manifest_sha256}
-
-
 @dataclass
 class Candidate:
     where: CheckpointDir
     manifest: dict[str, Any]
+    """As stored (the checkpoint manager verifies files against it)."""
+    record: CheckpointRecord
+    """The same, typed."""
 
 
 @dataclass
@@ -86,13 +78,13 @@ def next_candidate(ckpt: CheckpointManager, state: ResumeScan, below: Checkpoint
         return None, None, list(state.unusable)
 
     where, manifest, state.unusable = on_rank0(read_newest)
-    return Candidate(where, manifest) if where is not None else None
+    return Candidate(where, manifest, CheckpointRecord.from_manifest(manifest)) if where is not None else None
 
 
-def check_compatible(cfg: Config, manifest: dict[str, Any], data: DataIdentity) -> dict[str, Any] | None:
-    """Raise :class:`ResumeMismatch` unless this run may continue `manifest`; returns a data change to record."""
-    old, new = manifest.get("config", {}), config_to_dict(cfg)
-    where = f"run.url {cfg.run.url} (checkpoint step {manifest.get('step')})"
+def check_compatible(cfg: Config, record: CheckpointRecord, data: DataIdentity) -> dict[str, Any] | None:
+    """Raise :class:`ResumeMismatch` unless this run may continue `record`; returns a data change to record."""
+    old, new = record.run.config, config_to_dict(cfg)
+    where = f"run.url {cfg.run.url} (checkpoint step {record.step})"
     old_model = old.get("model", {})
     if old_model.get("name") != cfg.model.name or old_model.get("num_classes") != cfg.model.num_classes:
         raise ResumeMismatch(f"{where} holds a {old_model.get('name')} model with {old_model.get('num_classes')} "
@@ -102,28 +94,25 @@ def check_compatible(cfg: Config, manifest: dict[str, Any], data: DataIdentity) 
     if diffs and not cfg.run.allow_config_change:
         raise ResumeMismatch(f"{where} holds checkpoints of a different configuration:\n  " + "\n  ".join(diffs)
                              + "\nUse a new run.url, or set run.allow_config_change=true to resume anyway.")
-    saved = manifest.get("data", {})
-    same = (saved.get("num_samples") == data.num_samples and saved.get("manifest_sha256") == data.manifest_sha256)
-    if same:
+    saved = record.run.data
+    if saved.num_samples == data.num_samples and saved.manifest_sha256 == data.manifest_sha256:
         return None
-    change = {"step": manifest["step"], "from": {k: saved.get(k) for k in ("train_url", "num_samples",
-                                                                          "manifest_sha256")},
-              "to": data.to_dict()}
+    change = {"step": record.step, "from": saved.to_dict(), "to": data.to_dict()}
     if not cfg.run.allow_data_change:
         raise ResumeMismatch(
-            f"{where} was trained on another shard set: {saved.get('num_samples')} samples (manifest sha256 "
-            f"{str(saved.get('manifest_sha256'))[:12]}) at {saved.get('train_url')}, now {data.num_samples} "
+            f"{where} was trained on another shard set: {saved.num_samples} samples (manifest sha256 "
+            f"{saved.manifest_sha256[:12]}) at {saved.train_url}, now {data.num_samples} "
             f"samples (sha256 {data.manifest_sha256[:12]}) at {data.train_url}. Point data.train_url back at the "
             "original shards, or set run.allow_data_change=true to continue on the new set (model, optimizer, "
             "EMA, LR position and step continue; the data order starts afresh on the new set).")
     return change
 
 
-def check_shapes(manifest: dict[str, Any], model_shapes: dict[str, tuple[int, ...]], cfg: Config) -> None:
+def check_shapes(record: CheckpointRecord, model_shapes: dict[str, tuple[int, ...]], cfg: Config) -> None:
     """Raise :class:`ResumeMismatch` if the checkpoint's parameters are not this model's."""
     from pretrain import state_format
 
-    saved = state_format.parameter_shapes(state_format.rank_tables(r["fragments"] for r in manifest["ranks"]).values())
+    saved = state_format.parameter_shapes(state_format.rank_tables(record.fragment_tables).values())
     wrong = [f"{name}: checkpoint {saved.get(name)} vs model {shape}" for name, shape in model_shapes.items()
              if saved.get(name) != shape]
     extra = sorted(set(saved) - set(model_shapes))

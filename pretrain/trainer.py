@@ -10,38 +10,29 @@ copy state in.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
-from pretrain import resume, state_format, storage
+from pretrain import init_from, resume, state_format, storage
 from pretrain.checkpoint import CheckpointError, CheckpointManager, RankSnapshot, rng_state, set_rng_state
-from pretrain.config import Config, config_to_dict, dump_toml, grad_accum_steps
-from pretrain.data.loader import EvalLoader, TrainLoader
+from pretrain.build import DataSetup, build_data, build_engine, build_model
+from pretrain.config import Config, config_to_dict, dump_toml
+from pretrain.data.batch import Batch
+from pretrain.data.loader import EvalLoader
 from pretrain.data.order import derive_seed
 from pretrain.data.reader import SKIP_REASONS
-from pretrain.data.transforms import DeviceAugment, build_mixup, smooth_one_hot
-from pretrain.ema import ShardedEma
-from pretrain.engine import cpu_bf16
 from pretrain.engine import deepspeed as ds
-from pretrain.engine.compilation import compile_blocks
 from pretrain.engine.distributed import DistContext, all_gather_object, all_reduce_sum, on_rank0
-from pretrain.evaluate import evaluate, in1k_subset
 from pretrain.lease import Lease
 from pretrain.metrics import InputStall, MetricsSink, StepTimes, device_peak_flops, format_duration, memory_bytes
-from pretrain.models import create_model
-from pretrain.models.flops import flops_per_image
-from pretrain.models.weights import load_weights
-from pretrain.objectives import soft_target_cross_entropy
-from pretrain.optim import build_optimizer, lr_at, step_plan
-from pretrain.preflight import check_run
+from pretrain.optim import lr_at
 from pretrain.run_errors import FatalRunError
+from pretrain.run_meta import RankRecord, RunMeta
 from pretrain.run_status import RunStatus
 
 log = logging.getLogger(__name__)
@@ -67,7 +58,8 @@ class _Loaded:
 
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext, stop_requested: Callable[[], bool] = lambda: False,
-                 lease_holder: str = "", on_first_step: Callable[[], None] | None = None):
+                 lease_holder: str = "", on_first_step: Callable[[], None] | None = None,
+                 data: DataSetup | None = None):
         self.cfg, self.ctx, self.stop_requested = cfg, ctx, stop_requested
         self.on_first_step = on_first_step
         self.step = 0
@@ -87,7 +79,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.lease: Lease | None = None
         self._own_lease = not lease_holder  # released by the trainer only when no driver holds it
-        self._build_data()
+        self.data = data if data is not None else build_data(cfg, ctx)
         self._take_lease(lease_holder)
         try:
             self._start()
@@ -104,9 +96,9 @@ class Trainer:
         newest = resume.next_candidate(self.checkpoints, self.scan, below=None)
         self.metrics = MetricsSink(cfg.run.url, cfg.logging, cfg.storage, enabled=ctx.is_main)
         if newest is not None:
-            resume.check_compatible(cfg, newest.manifest, self.data_identity)  # fails fast, before any build
-            if newest.manifest.get("finished") and newest.manifest["step"] >= self.plan.total_steps:
-                self.step = self.resumed_from = newest.manifest["step"]  # nothing to train: no engine at all
+            resume.check_compatible(cfg, newest.record, self.data.identity)  # fails fast, before any build
+            if newest.record.run.finished and newest.record.step >= self.data.steps.total_steps:
+                self.step = self.resumed_from = newest.record.step  # nothing to train: no engine at all
                 return
         elif self.scan.committed:
             raise resume.NoUsableCheckpoint(self._no_usable_message())
@@ -114,20 +106,6 @@ class Trainer:
         self.resumed_from = self._restore(newest)
 
     # ----------------------------------------------------------------------------- building
-
-    def _build_data(self) -> None:
-        cfg, ctx = self.cfg, self.ctx
-        # one read of the shard manifests, not one per rank
-        datasets = on_rank0(lambda: check_run(cfg, on_cuda=ctx.device.type == "cuda"))
-        self.manifest, self.eval_manifest = datasets.train, datasets.eval
-        digest = hashlib.sha256(self.manifest.to_json().encode()).hexdigest()  # once: ~60 ms for a 22k set
-        self.data_identity = resume.DataIdentity(cfg.data.train_url, self.manifest.num_samples, digest)
-        self.accum = grad_accum_steps(cfg.schedule, cfg.data, ctx.world_size)
-        self.plan = step_plan(cfg.schedule, self.manifest.num_samples)
-        self.loader = TrainLoader(cfg.data.train_url, self.manifest, cfg.data, cfg.storage, ctx.rank,
-                                  ctx.world_size, cfg.run.seed, cfg.model.num_classes,
-                                  pin_memory=ctx.device.type == "cuda")
-        self.mixup = build_mixup(cfg.data, cfg.model.num_classes)
 
     def _take_lease(self, holder: str) -> None:
         """Rank 0 takes the run's lease (or continues the driver's); every rank learns the outcome."""
@@ -143,36 +121,13 @@ class Trainer:
 
     def _build_engine(self) -> None:
         cfg, ctx = self.cfg, self.ctx
-        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        m = cfg.model
-        model = create_model(m.name, num_classes=m.num_classes, drop_path_rate=m.drop_path_rate,
-                             layer_scale_init=m.layer_scale_init, head_init_scale=m.head_init_scale,
-                             checkpoint_stages=m.checkpoint_stages)
-        if m.init_from:
-            load_weights(model, m.init_from)
-        # Parameters stay contiguous: ZeRO flattens them into shared buffers. Inputs (and so every
-        # activation) are channels_last when model.channels_last is set.
-        model = model.to(ctx.device)
-        self.model_shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
-        self.flops_per_image = flops_per_image(model, cfg.data.image_size)
-        if cpu_bf16.needed(cfg.precision.dtype, ctx.device):
-            cpu_bf16.apply(model)
-        if m.compile:
-            compile_blocks(model, m.compile_mode)
-        if ctx.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # every batch has the same shape
-        optimizer = build_optimizer(model, cfg.optim, on_cuda=ctx.device.type == "cuda")
-        ds.quiet_deepspeed_logging()
-        ds_config = ds.deepspeed_config(cfg.precision, cfg.zero, cfg.optim.grad_clip, cfg.data.micro_batch_size,
-                                        self.accum, ctx.world_size, sum(p.numel() for p in model.parameters()))
-        self.engine = ds.initialize(model, optimizer, ds_config, cfg.launch.collective_timeout_s)
-        self.augment = DeviceAugment(cfg.data, ctx.device)
-        self.eval_augment = DeviceAugment(cfg.data, ctx.device, train=False)
+        init = init_from.resolve(cfg.model, cfg.storage, resuming=bool(self.scan.committed))
+        model = build_model(self.data.task, cfg.model, cfg.run.seed, init, self.data.manifest.classes, cfg.storage)
+        built = build_engine(cfg, ctx, model, self.data.accum)
+        self.engine, self.fragments, self.ema, self.dtype = built.engine, built.fragments, built.ema, built.dtype
+        self.model_shapes, self.flops_per_image = built.model_shapes, built.flops_per_image
         self.peak_flops = device_peak_flops(cfg.logging, ctx.device)
         self.input_stall = InputStall() if ctx.device.type == "cuda" else None
-        self.dtype = ds.lp_dtype(cfg.precision)
-        self.fragments = ds.local_fragments(self.engine)
-        self.ema = ShardedEma(cfg.ema, self.fragments) if cfg.ema.enabled else None
         torch.manual_seed(derive_seed(cfg.run.seed, "train", ctx.rank))  # per-rank stochastic depth
 
     # ----------------------------------------------------------------------------- resume
@@ -185,8 +140,8 @@ class Trainer:
         """
         ctx = self.ctx
         while candidate is not None:
-            data_change = resume.check_compatible(self.cfg, candidate.manifest, self.data_identity)
-            resume.check_shapes(candidate.manifest, self.model_shapes, self.cfg)
+            data_change = resume.check_compatible(self.cfg, candidate.record, self.data.identity)
+            resume.check_shapes(candidate.record, self.model_shapes, self.cfg)
             error, loaded = "", None
             try:
                 loaded = self._fetch(candidate)
@@ -215,9 +170,9 @@ class Trainer:
     def _fetch(self, candidate: resume.Candidate) -> _Loaded:
         """This rank's part of a checkpoint, fetched and verified (no tensor of the engine is touched)."""
         where, manifest, rank = candidate.where, candidate.manifest, self.ctx.rank
-        saved = state_format.rank_tables(r["fragments"] for r in manifest["ranks"])
+        saved = state_format.rank_tables(candidate.record.fragment_tables)
         kinds = [state_format.MASTER, *ds.ADAM_STATES] + ([state_format.EMA] if self.ema else [])
-        if manifest["world_size"] == self.ctx.world_size and state_format.is_exact(saved[rank], self.fragments):
+        if candidate.record.world_size == self.ctx.world_size and state_format.is_exact(saved[rank], self.fragments):
             tensors = self.checkpoints.fetch_tensors(where, manifest, rank)
             state_format.check_complete(tensors, saved[rank], kinds)
             private = self.checkpoints.fetch_private(where, manifest, rank)
@@ -233,26 +188,26 @@ class Trainer:
 
     @torch.no_grad()
     def _apply(self, candidate: resume.Candidate, loaded: _Loaded, data_change: dict | None) -> None:
-        manifest, ctx = candidate.manifest, self.ctx
+        record, run, ctx = candidate.record, candidate.record.run, self.ctx
         emas = self.ema.tensors if self.ema else None
-        step = manifest["step"]
+        step = record.step
         if loaded.exact:
             state_format.load_exact(self.fragments, emas, loaded.tensors[ctx.rank])
             set_rng_state(loaded.private["rng"], loaded.tensors[ctx.rank])
             ds.load_loss_scaler_state(self.engine, loaded.private.get("loss_scaler", {}))
-            self.data_counters = Counter(manifest["ranks"][ctx.rank]["counters"])
+            self.data_counters = Counter(record.ranks[ctx.rank].counters)
         else:
             state_format.load_resharded(self.fragments, emas, loaded.plan, loaded.tensors)
             torch.manual_seed(derive_seed(self.cfg.run.seed, "train", ctx.rank, step))
-            ds.load_loss_scaler_state(self.engine, manifest.get("loss_scaler", {}))
+            ds.load_loss_scaler_state(self.engine, run.loss_scaler)
             # Another world size: the totals must survive, not each rank's share of them.
-            totals = sum((Counter(r["counters"]) for r in manifest["ranks"]), Counter())
+            totals = sum((Counter(r.counters) for r in record.ranks), Counter())
             self.data_counters = totals if ctx.is_main else Counter()
-        ds.set_optimizer_step_count(self.engine, manifest["optimizer_step"])
+        ds.set_optimizer_step_count(self.engine, run.optimizer_step)
         ds.refresh_lp_params(self.engine)
-        self.data_changes = list(manifest.get("data_changes", []))
+        self.data_changes = list(run.data_changes)
         if data_change is None:
-            self.loader.load_state_dict(manifest["loader"], [r["loader"] for r in manifest["ranks"]])
+            self.data.loader.load_state_dict(run.loader, [r.loader for r in record.ranks])
         else:  # run.allow_data_change: a fresh seeded epoch order on the new shard set, from this step
             self.data_changes.append(data_change)
             if ctx.is_main:
@@ -261,8 +216,8 @@ class Trainer:
         self.step = step
         self.engine.global_steps = step
         self.engine.global_samples = step * self.cfg.schedule.global_batch_size
-        self.step_counters = Counter(manifest.get("counters", {}))
-        self.loss_first = manifest.get("metrics", {}).get("loss_first")
+        self.step_counters = Counter(run.counters)
+        self.loss_first = run.metrics.get("loss_first")
 
     # ----------------------------------------------------------------------------- saving
 
@@ -271,21 +226,20 @@ class Trainer:
         rng_meta, rng_tensors = rng_state()
         tensors.update(rng_tensors)
         private = {"rng": rng_meta, "loss_scaler": ds.loss_scaler_state(self.engine)}
-        shared = {"fragments": state_format.table(self.fragments), "counters": dict(self.data_counters),
-                  "loader": self.loader.state_dict()}
-        run_meta: dict[str, Any] = {}
+        own = RankRecord(state_format.table(self.fragments), dict(self.data_counters), self.data.loader.state_dict())
+        run: dict[str, Any] = {}
         if self.ctx.is_main:
-            gbs = self.cfg.schedule.global_batch_size
             origin = self.data_changes[-1]["step"] if self.data_changes else 0
-            run_meta = {"config": config_to_dict(self.cfg), "optimizer_step": ds.optimizer_step_count(self.engine),
-                        "total_steps": self.plan.total_steps, "finished": finished,
-                        "epoch": (self.step - origin) * gbs / self.manifest.num_samples,
-                        "counters": dict(self.step_counters), "classes": self.manifest.classes,
-                        "data": {**self.data_identity.to_dict(), "label_source": self.manifest.label_source},
-                        "data_changes": self.data_changes, "loader": self.loader.shared_state(),
-                        "loss_scaler": ds.loss_scaler_state(self.engine),
-                        "metrics": {"loss_first": self.loss_first, "loss_last": self.loss_last, **self.last_eval}}
-        return RankSnapshot(self.step, self.ctx.rank, self.ctx.world_size, tensors, private, shared, run_meta)
+            run = RunMeta(config=config_to_dict(self.cfg), optimizer_step=ds.optimizer_step_count(self.engine),
+                          total_steps=self.data.steps.total_steps, finished=finished,
+                          epoch=(self.step - origin) * self.cfg.schedule.global_batch_size / self.data.manifest.num_samples,
+                          counters=dict(self.step_counters), classes=self.data.manifest.classes,
+                          data=self.data.identity, label_source=self.data.manifest.label_source,
+                          data_changes=self.data_changes, loader=self.data.loader.shared_state(),
+                          loss_scaler=ds.loss_scaler_state(self.engine),
+                          metrics={"loss_first": self.loss_first, "loss_last": self.loss_last, **self.last_eval}
+                          ).state_dict()
+        return RankSnapshot(self.step, self.ctx.rank, self.ctx.world_size, tensors, private, own.state_dict(), run)
 
     def save(self, finished: bool = False, blocking: bool = False) -> float:
         """Checkpoint the current step; returns the seconds training was blocked.
@@ -321,24 +275,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- training
 
-    def _batches(self) -> Iterator[dict]:
-        return iter(self.loader)
+    def _batches(self) -> Iterator[Batch]:
+        return iter(self.data.loader)
 
-    def _inputs(self, batch: dict, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        device, cfg = self.ctx.device, self.cfg
-        x = self.augment(batch["image"].to(device, non_blocking=True))  # uint8 NHWC -> normalized NCHW float
-        y = batch["label"].to(device, non_blocking=True)
-        if not cfg.model.channels_last:
-            x = x.contiguous()
-        if self.mixup is not None:
-            # timm's Mixup draws from numpy's global RNG: seed it per micro-batch for exact resume.
-            np.random.seed(derive_seed(cfg.run.seed, "mixup", self.step, self.ctx.rank, micro) % 2**32)
-            x, target = self.mixup(x, y)
-        else:
-            target = smooth_one_hot(y, cfg.model.num_classes, cfg.data.label_smoothing)
-        return x.to(self.dtype), target
-
-    def train_step(self, batches: Iterator[dict], times: StepTimes) -> tuple[torch.Tensor, int]:
+    def train_step(self, batches: Iterator[Batch], times: StepTimes) -> tuple[torch.Tensor, int]:
         """One optimizer step of `accum` micro-batches; returns (sum of the micro-batch losses, on the
         device, and how many micro-batches had samples).
 
@@ -346,31 +286,32 @@ class Trainer:
         step whose gradients are not finite is found and skipped (on every rank) by DeepSpeed's overflow
         check in ``engine.step()``, the only host synchronisation DeepSpeed makes per step.
         """
-        ds.set_lr(self.engine, lr_at(self.step, self.cfg.optim, self.plan))
+        ds.set_lr(self.engine, lr_at(self.step, self.cfg.optim, self.data.steps))
         loss_sum = torch.zeros((), device=self.ctx.device)
         with_samples = 0
-        for micro in range(self.accum):
+        for micro in range(self.data.accum):
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
             times.data_s += t1 - t0
             if self.input_stall is not None:
                 self.input_stall.input_ready()
-            self.data_counters["samples_read"] += len(batch["label"]) + sum(batch["skipped"].values())
-            for reason, n in batch["skipped"].items():
+            self.data_counters["samples_read"] += len(batch) + sum(batch.skipped.values())
+            for reason, n in batch.skipped.items():
                 self.data_counters[f"skipped/{reason}"] += n
-            if not len(batch["label"]):
+            x, target = self.data.task.inputs(batch, self.ctx.device, self.dtype,
+                                         derive_seed(self.cfg.run.seed, "mixup", self.step, self.ctx.rank, micro))
+            if not len(batch):
                 # Only a report of skipped samples: this rank takes part in the micro-step with zero
                 # weight, so that every rank runs the same collectives (the skip threshold is judged by
                 # this step's control all-reduce).
-                x = self.augment(batch["image"].to(self.ctx.device)).to(self.dtype)
-                loss = self.engine(x).float().sum() * 0.0
+                loss = self.data.task.zero_loss(self.engine(x))
             else:
                 if self.step == 0 and micro == 0 and self.ctx.is_main and self.resumed_from is None:
-                    self.metrics.image_grid(0, batch["image"].permute(0, 3, 1, 2).float() / 255, (0, 0, 0),
-                                            (1, 1, 1))  # (N, H, W, C) uint8 -> (N, C, H, W) in [0, 1]
-                x, target = self._inputs(batch, micro)
-                loss = soft_target_cross_entropy(self.engine(x), target)
+                    preview = self.data.task.preview(batch)
+                    if preview is not None:
+                        self.metrics.image_grid(0, preview, (0, 0, 0), (1, 1, 1))
+                loss = self.data.task.loss(self.engine(x), target)
                 loss_sum += loss.detach()
                 with_samples += 1
             self.engine.backward(loss)
@@ -446,7 +387,7 @@ class Trainer:
         return stop > 0
 
     def fit(self) -> dict[str, Any]:
-        total = self.plan.total_steps
+        total = self.data.steps.total_steps
         if self.step >= total:
             self.metrics.console(f"run {self.cfg.run.url} already finished at step {self.step}/{total}; nothing to "
                                  "do (use a new run.url, or to train further raise schedule.steps together "
@@ -478,7 +419,7 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
                 times.reset()
         self._reduce_data_counters([])
-        if self.eval_manifest is not None:
+        if self.data.eval_manifest is not None:
             self.run_eval()
         self.save(finished=True, blocking=True)
         return self.summary(RunStatus.FINISHED)
@@ -495,11 +436,11 @@ class Trainer:
         return self.summary(RunStatus.PREEMPTED)
 
     def _print_plan(self) -> None:
-        cfg, plan = self.cfg, self.plan
+        cfg, plan = self.cfg, self.data.steps
         where = f"resuming at step {self.step}" if self.resumed_from is not None else "starting"
         self.metrics.console(
-            f"{where}: {cfg.model.name} on {self.manifest.num_samples} samples / {self.manifest.num_classes} classes; "
-            f"{self.ctx.world_size} workers x micro-batch {cfg.data.micro_batch_size} x accumulation {self.accum} = "
+            f"{where}: {cfg.model.name} on {self.data.manifest.num_samples} samples / {self.data.manifest.num_classes} classes; "
+            f"{self.ctx.world_size} workers x micro-batch {cfg.data.micro_batch_size} x accumulation {self.data.accum} = "
             f"{cfg.schedule.global_batch_size} per step; {plan.steps_per_epoch} steps/epoch, {plan.total_steps} "
             f"steps, {plan.warmup_steps} warmup; ZeRO-{cfg.zero.stage} {cfg.precision.dtype} "
             f"({ds.describe(self.engine)}); "
@@ -517,8 +458,8 @@ class Trainer:
         train_flops = 3 * self.flops_per_image * images_per_s
         peak = self.peak_flops
         mfu = train_flops / (peak * ctx.world_size) if peak else None
-        remaining = (self.plan.total_steps - self.step) * elapsed / max(steps, 1)
-        lr = lr_at(self.step - 1, cfg.optim, self.plan)
+        remaining = (self.data.steps.total_steps - self.step) * elapsed / max(steps, 1)
+        lr = lr_at(self.step - 1, cfg.optim, self.data.steps)
         scalars = {
             "train/loss": loss_mean, "train/lr": lr, "train/weight_decay": cfg.optim.weight_decay,
             "train/grad_norm": ds.grad_norm(self.engine), "train/images_per_s": images_per_s,
@@ -527,7 +468,7 @@ class Trainer:
             "time/compute_s": times.compute_s / max(steps, 1), "time/checkpoint_stall_s": times.checkpoint_s / max(steps, 1),
             "time/input_stall_s": self.input_stall.take() / max(steps, 1) if self.input_stall else None,
             "perf/train_tflops": train_flops / 1e12, "perf/mfu": mfu, "memory/max_bytes": memory_bytes(ctx.device),
-            "train/epoch": self.step * cfg.schedule.global_batch_size / self.manifest.num_samples,
+            "train/epoch": self.step * cfg.schedule.global_batch_size / self.data.manifest.num_samples,
             "train/nonfinite_skipped": self.step_counters["nonfinite_skipped"],
             "ema/decay": self.ema.last_decay if self.ema else None,
             "data/samples_read": self.data_totals.get("samples_read"),
@@ -540,7 +481,7 @@ class Trainer:
                           if k.split("/", 1)[0] in ("perf", "time", "memory") or k.startswith("train/images_per_s")}
         data_pct = 100 * times.data_s / max(elapsed, 1e-9)
         self.metrics.console(
-            f"step {self.step}/{self.plan.total_steps} epoch {scalars['train/epoch']:.2f} loss {loss_mean:.4f} "
+            f"step {self.step}/{self.data.steps.total_steps} epoch {scalars['train/epoch']:.2f} loss {loss_mean:.4f} "
             f"lr {lr:.2e} {images_per_s:.0f} img/s (data wait {data_pct:.0f}%) ETA {format_duration(remaining)}")
 
     # ----------------------------------------------------------------------------- evaluation
@@ -562,35 +503,32 @@ class Trainer:
                 ds.refresh_lp_params(self.engine)
 
     def run_eval(self) -> dict[str, Any]:
-        if self.eval_manifest is None:
+        if self.data.eval_manifest is None:
             return {}
         cfg, ctx = self.cfg, self.ctx
-        loader = EvalLoader(cfg.data.eval_url, self.eval_manifest, cfg.data, cfg.storage, ctx.rank,
-                            ctx.world_size, cfg.eval.batch_size, cfg.model.num_classes, cfg.eval.max_samples)
-        subset = in1k_subset(self.manifest.classes) if self.manifest.label_source == "imagenet22k_synsets" else None
+        loader = EvalLoader(cfg.data.eval_url, self.data.eval_manifest, cfg.data, cfg.storage, ctx.rank,
+                            ctx.world_size, cfg.eval.batch_size, self.data.task.decoder(train=False), cfg.eval.max_samples)
         module = self.engine.module
         was_training = module.training
         module.eval()
         try:
-            results = {"model": evaluate(self.engine, loader, self.eval_augment, self.dtype, subset)}
+            results = {"model": self.data.task.evaluate(self.engine, loader, self.dtype)}
             if self.ema is not None:
                 with self.ema_weights():
-                    results["ema"] = evaluate(self.engine, loader, self.eval_augment, self.dtype, subset)
+                    results["ema"] = self.data.task.evaluate(self.engine, loader, self.dtype)
         finally:
             module.train(was_training)
         flat = {f"eval/{which}/{k}": v for which, r in results.items() for k, v in r.items()}
         self.metrics.scalars(self.step, flat)
         self.last_eval = {f"{which}_{k}": v for which, r in results.items() for k, v in r.items()}
-        summary = ", ".join(f"{which} top-1 {r['top1']:.1%} top-5 {r['top5']:.1%}" for which, r in results.items())
-        self.metrics.console(f"eval at step {self.step} on {int(results['model']['samples'])} held-out samples: "
-                             f"{summary} (chance {1 / cfg.model.num_classes:.1%})")
+        self.metrics.console(f"eval at step {self.step} on {self.data.task.describe(results)}")
         return results
 
     # ----------------------------------------------------------------------------- end
 
     def summary(self, status: RunStatus) -> dict[str, Any]:
         skipped = {k.split("/", 1)[1]: int(v) for k, v in self.data_totals.items() if k.startswith("skipped/")}
-        return {"status": status.value, "step": self.step, "total_steps": self.plan.total_steps,
+        return {"status": status.value, "step": self.step, "total_steps": self.data.steps.total_steps,
                 "resumed_from": self.resumed_from, "loss_first": self.loss_first, "loss_last": self.loss_last,
                 "eval": self.last_eval, "checkpoints": self.checkpoints.root,
                 "tensorboard": storage.join(self.cfg.run.url, "tb"),

@@ -13,7 +13,6 @@ import shutil
 import sys
 import time
 import traceback
-from pathlib import Path
 
 from reliability.harness import ROOT, Env, Row, new_workdir, render_table, write_results
 from reliability.scenarios import REGISTRY

@@ -53,15 +53,20 @@ def s3_bucket(make_bucket):
 @pytest.fixture(scope="session")
 def synth_shards(make_bucket, tmp_path_factory):
     """A learnable synthetic set (10 classes, 32 px) sharded into the moto S3 server, with a holdout set."""
+    return shard_synthetic_set(tmp_path_factory.mktemp("synth"), make_bucket("shards"), size=32, seed=0,
+                               holdout=10, shard_samples=50)
+
+
+def shard_synthetic_set(root, prefix: str, size: int, seed: int, holdout: int, shard_samples: int,
+                        classes: int = 10, per_class: int = 40) -> dict[str, str]:
+    """data_tools' synthetic set under `root`, sharded to `<prefix>/train` and `<prefix>/holdout`."""
     from data_tools.make_shards import BuildParams, make_shards
     from data_tools.synth import make_dataset
 
-    root = tmp_path_factory.mktemp("synth")
-    make_dataset(str(root / "train"), classes=10, per_class=40, size=32, seed=0, holdout=10)
-    bucket = make_bucket("shards")
+    make_dataset(str(root / "train"), classes=classes, per_class=per_class, size=size, seed=seed, holdout=holdout)
     urls = {}
     for split, folder in (("train", "train"), ("holdout", "train_holdout")):
-        urls[split] = f"{bucket}/{split}"
-        make_shards(str(root / folder), urls[split], params=BuildParams(shard_samples=50), workers=1,
+        urls[split] = f"{prefix}/{split}"
+        make_shards(str(root / folder), urls[split], params=BuildParams(shard_samples=shard_samples), workers=1,
                     progress=False, log=lambda _: None)
     return urls

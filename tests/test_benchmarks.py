@@ -1,8 +1,9 @@
 """The benchmark suite runs and writes a well-formed result; no speed is ever asserted here.
 
 The end-to-end run takes the cheap benchmarks (``checkpoint_stall`` with 2 timed pairs on the moto
-S3 server, ``scale_projection``); ``zero_memory``'s multi-process path is covered by one 2-rank
-ZeRO-2 measurement, whose byte accounting (not a timing) must match the ZeRO formula.
+S3 server, ``scale_projection``); the multi-process path is covered by one 2-rank ZeRO-2
+measurement, whose byte accounting (not a timing) must match the ZeRO formula, and one tiny 2-rank run
+of the communication-dtype workers.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def test_alternate_runs_a_b_a_b_after_warmup():
     assert calls == ["a", "b"] * 5
     assert stats.reps == 3 and stats.a_s == [5.0, 7.0, 9.0] and stats.b_s == [6.0, 8.0, 10.0]
     assert stats.ratio == 7.0 / 8.0 and stats.ratio_min == 5.0 / 6.0 and stats.ratio_max == 9.0 / 10.0
+
+
+@pytest.mark.unit
+def test_alternate_groups_interleave_and_sum():
+    calls: list[str] = []
+    stats = alternate(lambda: calls.append("a"), lambda: calls.append("b"), reps=2, warmup=1, group=3,
+                      timer=lambda fn: (fn(), 1.0)[1])
+    assert calls == ["a", "b"] * 9
+    assert stats.a_s == stats.b_s == [3.0, 3.0]
 
 
 @pytest.mark.unit
@@ -108,3 +118,17 @@ def test_zero_memory_two_ranks_match_the_formula(tmp_path):
         assert measured / sum(expected.values()) == pytest.approx(1.0, abs=0.10)
         assert result["bytes"]["fp32_master"] == pytest.approx(expected["fp32_master"], rel=0.01)
         assert result["bytes"]["adam"] == pytest.approx(expected["adam"], rel=0.01)
+
+
+@pytest.mark.integration
+def test_communication_dtype_workers_time_both_sides(tmp_path):
+    from benchmarks.harness import launch_ranks
+
+    ctx = Context(quick=True, threads=1, workdir=str(tmp_path))
+    out = launch_ranks(ctx, 2, "benchmarks.engine_overhead", ["--reps", "1", "--px", "32", "--micro", "4"], "comm",
+                       timeout_s=240)
+    result = json.loads((Path(out) / "rank0.json").read_text())
+    for clock in ("cpu", "wall"):
+        times = result[clock]["a_s"] + result[clock]["b_s"]
+        assert len(times) == 2 and min(times) > 0, result
+    assert result["psi"] > 3_000_000  # convnext_atto

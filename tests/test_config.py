@@ -90,6 +90,7 @@ def test_overrides_are_typed_by_annotation():
     ("ema.enabled=1", "ema.enabled: expected true or false"),
     ("storage.endpoint_url=localhost:9000", "storage.endpoint_url: must start with http://"),
     ("lr=1", "expected section.key=value"),
+    ("task.name=segmentation", "task.name: must be one of ['classification']"),
 ])
 def test_bad_values_fail_with_the_key_named(override, needle):
     with pytest.raises(ConfigError) as info:
@@ -126,3 +127,13 @@ def test_config_diff_ignores_elastic_keys():
     assert config_diff(a, b) == []
     c = config_to_dict(load_config(CONFIG_DIR / "demo.toml", ["model.name=convnext_femto", "optim.lr=1e-3"]))
     assert config_diff(a, c) == ["model.name: 'convnext_atto' -> 'convnext_femto'", "optim.lr: 0.004 -> 0.001"]
+
+
+def test_keys_added_after_a_checkpoint_count_as_their_defaults():
+    """A checkpoint written before a key existed resumes unless the run sets that key to a non-default."""
+    new = config_to_dict(load_config(CONFIG_DIR / "demo.toml"))
+    old = {section: dict(keys) for section, keys in new.items() if section != "task"}
+    del old["model"]["layer_scale_init"]
+    assert config_diff(old, new) == []
+    changed = config_to_dict(load_config(CONFIG_DIR / "demo.toml", ["model.layer_scale_init=0.1"]))
+    assert config_diff(old, changed) == ["model.layer_scale_init: 1e-06 -> 0.1"]

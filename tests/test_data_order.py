@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pretrain.data.order import LoaderState, Plan, SampleOrder, Topology
+from pretrain.data.order import LoaderState, RemainingPositions, SampleOrder, Topology
 
 
 def emitted(state: LoaderState, stream: int, count: int) -> list[int]:
@@ -29,7 +29,7 @@ def consume(state: LoaderState, per_stream: list[int]) -> list[int]:
 
 
 def fresh(num_samples: int, topo: Topology, seed: int = 0) -> LoaderState:
-    return LoaderState(seed, num_samples, topo, Plan(), [0] * topo.num_streams)
+    return LoaderState(seed, num_samples, topo, RemainingPositions(), [0] * topo.num_streams)
 
 
 def test_one_epoch_visits_every_sample_once_across_ranks_and_workers():

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch.local_s3 import free_port
+from pretrain.engine.distributed import free_port
 from pretrain.config import DataConfig
+from pretrain.data.batch import Batch
 from pretrain.data.shards import load_synsets
 from pretrain.data.transforms import DeviceAugment
 from pretrain.evaluate import evaluate, in1k_subset
@@ -44,8 +45,8 @@ def test_top1_top5_and_imagenet1k_subset_of_a_22k_head():
         logits[3, 5] = 1                              # right (22k-only class)
         return logits
 
-    batches = [{"image": torch.zeros(4, 8, 8, 3, dtype=torch.uint8), "label": labels},  # uint8 (N, H, W, 3)
-               {"image": torch.zeros(0, 8, 8, 3, dtype=torch.uint8), "label": torch.zeros(0, dtype=torch.long)}]
+    batches = [Batch(torch.zeros(4, 8, 8, 3, dtype=torch.uint8), labels),  # uint8 (N, H, W, 3)
+               Batch.empty((8, 8, 3))]  # padding
     prepare = DeviceAugment(DataConfig(), torch.device("cpu"), train=False)
     out = evaluate(forward, batches, prepare, torch.float32, subset)
     assert out["samples"] == 4 and out["top1"] == 0.5

@@ -12,6 +12,7 @@ from pretrain.config import DataConfig, StorageConfig
 from pretrain.data import shards
 from pretrain.data.loader import EvalLoader, TrainLoader
 from pretrain.data.reader import register_s3_with_webdataset
+from pretrain.tasks import ClassDecoder
 from reliability.handmade_shards import jpeg_bytes, write_shard_set
 from reliability.fault_proxy import FaultProxy, Rule
 
@@ -21,7 +22,8 @@ CFG = DataConfig(image_size=32, micro_batch_size=4, num_workers=2, shuffle_windo
 
 def loader(url, rank=0, world=1, cfg=CFG, storage_cfg=None, seed=0) -> TrainLoader:
     manifest = shards.read_manifest(url, storage_cfg)
-    return TrainLoader(url, manifest, cfg, storage_cfg, rank, world, seed, manifest.num_classes)
+    return TrainLoader(url, manifest, cfg, storage_cfg, rank, world, seed,
+                       ClassDecoder.of(cfg, manifest.num_classes, train=True))
 
 
 def take(it, n):
@@ -29,7 +31,7 @@ def take(it, n):
 
 
 def keys(batches) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
+    return [k for b in batches for k in b.keys]
 
 
 def test_one_epoch_is_every_key_once_across_2_ranks_x_2_workers(synth_shards):
@@ -42,7 +44,7 @@ def test_one_epoch_is_every_key_once_across_2_ranks_x_2_workers(synth_shards):
     for rank in range(2):
         batches = take(iter(loader(url, rank, 2, cfg=cfg)), n // 2 // cfg.micro_batch_size)
         seen += keys(batches)
-        positions += [p for b in batches for p in b["positions"]]
+        positions += [p for b in batches for p in b.positions]
     assert len(seen) == n and len(set(seen)) == n
     assert sorted(positions) == list(range(n))
 
@@ -57,8 +59,8 @@ def test_resume_same_world_size_is_bit_exact(synth_shards):
     second.load_state_dict(shared, [own])
     tail = take(iter(second), 7)
     for a, b in zip(straight, head + tail):
-        assert a["keys"] == b["keys"]
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert a.keys == b.keys
+        assert torch.equal(a.image, b.image) and torch.equal(a.target, b.target)
 
 
 @pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2)])
@@ -68,7 +70,7 @@ def test_elastic_resume_neither_repeats_nor_skips(synth_shards, old_world, new_w
     old = [loader(url, r, old_world) for r in range(old_world)]
     positions = []
     for ld in old:  # 96 samples before the "checkpoint"
-        positions += [p for b in take(iter(ld), 24 // old_world) for p in b["positions"]]
+        positions += [p for b in take(iter(ld), 24 // old_world) for p in b.positions]
     shared, parts = old[0].shared_state(), [ld.state_dict() for ld in old]
     new = [loader(url, r, new_world) for r in range(new_world)]
     for ld in new:
@@ -76,7 +78,7 @@ def test_elastic_resume_neither_repeats_nor_skips(synth_shards, old_world, new_w
     iters = [iter(ld) for ld in new]
     while not set(range(n)) <= set(positions):
         for it in iters:
-            positions += next(it)["positions"]
+            positions += next(it).positions
     assert len(positions) == len(set(positions)), "a sample was read twice"
     # The epoch's last samples may interleave with the next epoch's first ones, by at most one
     # shuffle window per reader stream; nothing of the epoch is skipped (checked by the loop).
@@ -88,9 +90,10 @@ def test_eval_loader_covers_the_holdout_set_once_with_equal_batch_counts(synth_s
     manifest = shards.read_manifest(url)
     counts, total = [], 0
     for rank in range(3):
-        batches = list(EvalLoader(url, manifest, CFG, None, rank, 3, batch_size=8, num_classes=10))
+        batches = list(EvalLoader(url, manifest, CFG, None, rank, 3, batch_size=8,
+                                      decoder=ClassDecoder.of(CFG, 10, train=False)))
         counts.append(len(batches))
-        total += sum(len(b["label"]) for b in batches)
+        total += sum(len(b.target) for b in batches)
     assert total == manifest.num_samples
     assert len(set(counts)) == 1  # ZeRO-3 needs every rank to run the same number of forwards
 
@@ -123,8 +126,8 @@ def test_corrupt_samples_are_skipped_and_counted_by_reason(s3_bucket):
     # the last batch may already count some of the next epoch's skips (at most once more).
     while len(seen) < 19 or sum(skipped.values()) < 5:
         batch = next(it)
-        seen |= set(batch["keys"])
-        skipped += dict_counter(batch["skipped"])
+        seen |= set(batch.keys)
+        skipped += dict_counter(batch.skipped)
     assert len(seen) == 19  # 20 good samples, the last one truncated
     assert all(expected[r] <= skipped[r] <= 2 * expected[r] for r in expected) and set(skipped) == set(expected)
 
@@ -142,8 +145,8 @@ def test_a_shard_cut_short_is_detected_once_on_open_without_a_request_per_sample
         skipped, good, it = dict_counter({}), 0, iter(ld)
         while good + sum(skipped.values()) < 40:
             batch = next(it)
-            good += len(batch["keys"])
-            skipped += dict_counter(batch["skipped"])
+            good += len(batch.keys)
+            skipped += dict_counter(batch.skipped)
         requests = dict(proxy.summary())
     finally:
         proxy.stop()
@@ -174,10 +177,10 @@ def test_transient_s3_errors_are_retried_and_a_dead_shard_is_skipped_and_reporte
         ld = loader(url, cfg=cfg, storage_cfg=StorageConfig(endpoint_url=proxy.url, retries=2, retry_base_s=0.01,
                                                             retry_max_s=0.05))
         it, batches = iter(ld), []
-        while sum(len(b["keys"]) for b in batches) < 350:  # all but the dead shard's 50 samples
+        while sum(len(b.keys) for b in batches) < 350:  # all but the dead shard's 50 samples
             batches.append(next(it))  # (a window with no good sample at all comes as an empty report batch)
         seen = keys(batches)
-        skipped = sum((dict_counter(b["skipped"]) for b in batches), dict_counter({}))
+        skipped = sum((dict_counter(b.skipped) for b in batches), dict_counter({}))
     finally:
         proxy.stop()
     assert proxy.failures[f"/{url[5:]}/{flaky}"] == 2 and proxy.bytes_served

@@ -6,15 +6,16 @@ import pytest
 
 from pretrain import resume
 from pretrain.config import ResumeMismatch, config_to_dict, load_config
+from pretrain.run_meta import CheckpointRecord, DataIdentity
 
 pytestmark = pytest.mark.unit
 
-SAME = resume.DataIdentity("s3://b/train", 400, "a" * 64)
+SAME = DataIdentity("s3://b/train", 400, "a" * 64)
 
 
-def manifest_of(cfg, data=SAME, fragments=(("w", [2, 3], 0, 6),)):
-    return {"step": 4, "config": config_to_dict(cfg), "data": data.to_dict(),
-            "ranks": [{"fragments": [list(f) for f in fragments]}]}
+def manifest_of(cfg, data=SAME, fragments=(("w", [2, 3], 0, 6),)) -> CheckpointRecord:
+    return CheckpointRecord.from_manifest({"step": 4, "world_size": 1, "config": config_to_dict(cfg),
+                                           "data": data.to_dict(), "ranks": [{"fragments": [list(f) for f in fragments]}]})
 
 
 def cfg(*overrides):
@@ -27,8 +28,8 @@ def test_the_same_run_continues_and_elastic_keys_may_change():
                                    SAME) is None
 
 
-@pytest.mark.parametrize("data", [resume.DataIdentity("s3://b/train", 300, "a" * 64),
-                                  resume.DataIdentity("s3://b/train", 400, "b" * 64)], ids=["count", "digest"])
+@pytest.mark.parametrize("data", [DataIdentity("s3://b/train", 300, "a" * 64),
+                                  DataIdentity("s3://b/train", 400, "b" * 64)], ids=["count", "digest"])
 def test_another_shard_set_is_a_mismatch_unless_allowed(data):
     saved = manifest_of(cfg())
     with pytest.raises(ResumeMismatch, match="trained on another shard set.*run.allow_data_change=true"):
@@ -38,7 +39,7 @@ def test_another_shard_set_is_a_mismatch_unless_allowed(data):
 
 
 def test_a_moved_copy_of_the_same_shards_is_not_a_change():
-    moved = resume.DataIdentity("s3://elsewhere/train", 400, "a" * 64)
+    moved = DataIdentity("s3://elsewhere/train", 400, "a" * 64)
     assert resume.check_compatible(cfg(), manifest_of(cfg()), moved) is None
 
 

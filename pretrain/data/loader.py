@@ -5,8 +5,10 @@
 cursor; the wrapper records the cursor of every batch it hands to the trainer, so
 ``state_dict()`` describes exactly what training consumed (prefetched batches are not counted).
 
-Augmentation randomness is seeded from each sample's global stream position, so a sample gets the
-same crop/flip/RandAugment whichever rank or worker reads it, and resume reproduces it bit for bit.
+What a sample becomes is the task's business (:class:`pretrain.tasks.SampleDecoder`: decode, augment,
+collate); the loaders only read, seed and batch. Augmentation randomness is seeded from each sample's
+global stream position, so a sample gets the same crop/flip/RandAugment whichever rank or worker reads
+it, and resume reproduces it bit for bit.
 """
 
 from __future__ import annotations
@@ -18,23 +20,22 @@ import math
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.config import DataConfig, StorageConfig
-from pretrain.data.decode import decode_rgb
-from pretrain.data.order import LoaderState, Plan, SampleOrder, Topology, derive_seed
-from pretrain.data.reader import (SKIP_BAD_LABEL, SKIP_DECODE_ERROR, SKIP_MISSING_IMAGE, RawSample,
-                                  ShardReader, Skipped)
+from pretrain.data.batch import Batch
+from pretrain.data.order import LoaderState, RemainingPositions, SampleOrder, Topology, derive_seed
+from pretrain.data.reader import RawSample, ShardReader, Skipped
 from pretrain.data.shards import Manifest
-from pretrain.data.transforms import build_eval_transform, build_train_transform
+
+if TYPE_CHECKING:
+    from pretrain.tasks.base import SampleDecoder
 
 log = logging.getLogger(__name__)
-
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -66,39 +67,26 @@ def _seeded(seed: int, restore: bool) -> Iterator[None]:
             torch.set_rng_state(saved[2])
 
 
-def _decode_sample(raw: RawSample | Skipped, num_classes: int, transform: Callable,
-                   seed: int | None, in_worker: bool) -> tuple[torch.Tensor, int] | Skipped:
+def _decode_sample(raw: RawSample | Skipped, decoder: SampleDecoder, seed: int | None,
+                   in_worker: bool) -> tuple[torch.Tensor, Any] | Skipped:
+    """The task's `decoder(raw)`, with the RNGs seeded from the sample's position (None: eval, no randomness)."""
     if isinstance(raw, Skipped):
         return raw
-    image_field = next((f for f in IMAGE_FIELDS if f in raw.fields), None)
-    if image_field is None:
-        return Skipped(SKIP_MISSING_IMAGE)
-    try:
-        label = int(raw.fields["cls"].decode().strip())
-    except (KeyError, ValueError, UnicodeDecodeError):
-        return Skipped(SKIP_BAD_LABEL)
-    if not 0 <= label < num_classes:
-        return Skipped(SKIP_BAD_LABEL)
-    try:
-        image = decode_rgb(raw.fields[image_field])
-    except Exception:  # any decoder failure is a corrupt sample, counted and skipped
-        return Skipped(SKIP_DECODE_ERROR)
     if seed is None:
-        return transform(image), label
+        return decoder(raw)
     with _seeded(seed, restore=not in_worker):
-        return transform(image), label
+        return decoder(raw)
 
 
 class _TrainStreams(IterableDataset):
     """One infinite stream of micro-batches per DataLoader worker (or one if num_workers == 0)."""
 
     def __init__(self, reader: ShardReader, order: SampleOrder, state: LoaderState, rank: int,
-                 micro_batch: int, transform: Callable, num_classes: int, image_shape: tuple[int, int, int]):
+                 micro_batch: int, decoder: SampleDecoder, image_shape: tuple[int, int, int]):
         self.reader, self.order, self.state, self.rank = reader, order, state, rank
-        self.micro_batch, self.transform, self.num_classes = micro_batch, transform, num_classes
-        self.image_shape = image_shape
+        self.micro_batch, self.decoder, self.image_shape = micro_batch, decoder, image_shape
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         topo, plan, seed = self.state.topology, self.state.plan, self.state.seed
         # The DataLoader always asks worker 0 first; rotate so the stream due next comes first.
@@ -117,8 +105,8 @@ class _TrainStreams(IterableDataset):
                 yielded = False
                 for i in range(skip, len(order)):
                     position = int(order[i])
-                    result = _decode_sample(raws[position], self.num_classes, self.transform,
-                                            derive_seed(seed, "augment", position), info is not None)
+                    result = _decode_sample(raws[position], self.decoder, derive_seed(seed, "augment", position),
+                                            info is not None)
                     cursor = window_k * topo.window + i + 1
                     if isinstance(result, Skipped):
                         skipped[result.reason] += 1
@@ -128,62 +116,63 @@ class _TrainStreams(IterableDataset):
                     keys.append(raws[position].key)  # type: ignore[union-attr]
                     positions.append(position)
                     if len(images) == self.micro_batch:
-                        # default_collate stacks straight into shared memory in a worker: one copy fewer
-                        yield {"image": default_collate(images), "label": torch.tensor(labels), "keys": keys,
-                               "positions": positions, "stream": stream, "cursor": cursor,
-                               "skipped": dict(skipped)}
+                        # collated straight into shared memory in a worker: one copy fewer
+                        yield Batch(*self.decoder.collate(images, labels), keys, positions, stream, cursor,
+                                    dict(skipped))
                         images, labels, keys, positions, skipped = [], [], [], [], Counter()
                         last_cursor, yielded = cursor, True
                 if not yielded and skipped:
                     # A whole window without a batch: report the skips anyway (an empty batch at the last
                     # yielded cursor), so that the trainer's skip threshold sees them instead of this
                     # stream searching the shard set forever. On resume they are read and counted again.
-                    yield {"image": torch.zeros((0, *self.image_shape), dtype=torch.uint8),
-                           "label": torch.zeros(0, dtype=torch.long),
-                           "keys": [], "positions": [], "stream": stream, "cursor": last_cursor,
-                           "skipped": dict(skipped)}
+                    yield Batch.empty(self.image_shape, self.decoder.empty_target(), stream=stream,
+                                      cursor=last_cursor, skipped=dict(skipped))
                     skipped = Counter()
                 window_k, skip = window_k + 1, 0
 
-    def _fetch(self, plan: Plan, stream: int, k: int, skip: int) -> tuple[np.ndarray, dict]:
+    def _fetch(self, plan: RemainingPositions, stream: int, k: int, skip: int) -> tuple[np.ndarray, dict]:
         """Emission order of the stream's k-th window and the raw samples from `skip` on."""
         topo = self.state.topology
         order = plan.window_order(plan.stream_window(stream, k, topo), topo, self.state.seed)
         needed = order[skip:]
         shards, samples = self.order.locate(needed)
-        raws: dict[int, RawSample | Skipped] = {}
-        for shard in np.unique(shards):
-            mask = shards == shard
-            got = self.reader.read(int(shard), samples[mask])
-            for position, sample in zip(needed[mask], samples[mask]):
-                raws[int(position)] = got[int(sample)]
-        return order, raws
+        return order, _read_by_shard(self.reader, needed, shards, samples)
+
+
+def _read_by_shard(reader: ShardReader, positions: np.ndarray, shards: np.ndarray,
+                   samples: np.ndarray) -> dict[int, RawSample | Skipped]:
+    """The samples at `positions` (shard `shards[i]`, sample `samples[i]`), one ranged read per shard."""
+    raws: dict[int, RawSample | Skipped] = {}
+    for shard in np.unique(shards):
+        mask = shards == shard
+        got = reader.read(int(shard), samples[mask])
+        raws.update({int(p): got[int(s)] for p, s in zip(positions[mask], samples[mask])})
+    return raws
 
 
 class TrainLoader:
     """Infinite, resumable stream of training micro-batches for one rank."""
 
     def __init__(self, url: str, manifest: Manifest, cfg: DataConfig, storage_cfg: StorageConfig | None,
-                 rank: int, world_size: int, seed: int, num_classes: int, pin_memory: bool = False):
+                 rank: int, world_size: int, seed: int, decoder: SampleDecoder, pin_memory: bool = False):
         self.cfg, self.rank, self.pin_memory = cfg, rank, pin_memory
         self.reader = ShardReader(url, manifest, storage_cfg)
         self.order = SampleOrder([s.num_samples for s in manifest.shards], seed)
         self.topology = Topology(world_size, max(cfg.num_workers, 1), cfg.shuffle_window)
-        self.state = LoaderState(seed, manifest.num_samples, self.topology, Plan(), [0] * self.topology.num_streams)
-        self.num_classes = num_classes
-        self.transform = build_train_transform(cfg, uint8=True)
+        self.state = LoaderState(seed, manifest.num_samples, self.topology, RemainingPositions(), [0] * self.topology.num_streams)
+        self.decoder = decoder
 
     @property
     def num_samples(self) -> int:
         return self.state.num_samples
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         dataset = _TrainStreams(self.reader, self.order, self.state, self.rank, self.cfg.micro_batch_size,
-                                self.transform, self.num_classes, (self.cfg.image_size, self.cfg.image_size, 3))
+                                self.decoder, (self.cfg.image_size, self.cfg.image_size, 3))
         per_rank = self.topology.streams_per_rank
         for batch in build_dataloader(dataset, self.cfg, self.state.seed, self.pin_memory):
-            self.state.cursors[batch["stream"]] = batch["cursor"]
-            self.state.next_stream[self.rank] = (batch["stream"] - self.rank * per_rank + 1) % per_rank
+            self.state.cursors[batch.stream] = batch.cursor
+            self.state.next_stream[self.rank] = (batch.stream - self.rank * per_rank + 1) % per_rank
             yield batch
 
     def shared_state(self) -> dict:
@@ -223,13 +212,13 @@ class _EvalStreams(IterableDataset):
     """Natural-order reading of a contiguous block of the eval set, split over DataLoader workers."""
 
     def __init__(self, reader: ShardReader, manifest: Manifest, block: tuple[int, int], batch_size: int,
-                 transform: Callable, num_classes: int, window: int):
+                 decoder: SampleDecoder, window: int):
         self.reader, self.block, self.batch_size = reader, block, batch_size
-        self.transform, self.num_classes, self.window = transform, num_classes, window
+        self.decoder, self.window = decoder, window
         counts = np.array([s.num_samples for s in manifest.shards])
         self.cum = np.concatenate([[0], np.cumsum(counts)])
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         lo, hi = self.block
@@ -238,20 +227,16 @@ class _EvalStreams(IterableDataset):
         for chunk_start in range(start, stop, self.window):
             positions = np.arange(chunk_start, min(chunk_start + self.window, stop))
             shards = np.searchsorted(self.cum, positions, side="right") - 1
-            raws: dict[int, RawSample | Skipped] = {}
-            for shard in np.unique(shards):
-                local = positions[shards == shard] - self.cum[shard]
-                got = self.reader.read(int(shard), local)
-                raws.update({int(self.cum[shard] + s): got[int(s)] for s in local})
+            raws = _read_by_shard(self.reader, positions, shards, positions - self.cum[shards])
             for batch_start in range(0, len(positions), self.batch_size):
                 images, labels = [], []
                 for position in positions[batch_start:batch_start + self.batch_size]:
-                    result = _decode_sample(raws[int(position)], self.num_classes, self.transform, None, True)
+                    result = _decode_sample(raws[int(position)], self.decoder, None, True)
                     if not isinstance(result, Skipped):
                         images.append(result[0])
                         labels.append(result[1])
                 if images:
-                    yield {"image": default_collate(images), "label": torch.tensor(labels)}
+                    yield Batch(*self.decoder.collate(images, labels))
 
 
 class EvalLoader:
@@ -259,7 +244,7 @@ class EvalLoader:
     because under ZeRO-3 every forward pass is a collective."""
 
     def __init__(self, url: str, manifest: Manifest, cfg: DataConfig, storage_cfg: StorageConfig | None,
-                 rank: int, world_size: int, batch_size: int, num_classes: int, max_samples: int = 0):
+                 rank: int, world_size: int, batch_size: int, decoder: SampleDecoder, max_samples: int = 0):
         total = manifest.num_samples if max_samples <= 0 else min(max_samples, manifest.num_samples)
         bounds = np.linspace(0, total, world_size + 1).astype(np.int64)
         self.block = (int(bounds[rank]), int(bounds[rank + 1]))
@@ -269,16 +254,15 @@ class EvalLoader:
         # Upper bound on batches any rank yields: each worker's share may end in a partial batch.
         self.num_batches = math.ceil(largest / batch_size) + workers
         self.dataset = _EvalStreams(ShardReader(url, manifest, storage_cfg), manifest,
-                                    self.block, batch_size, build_eval_transform(cfg, uint8=True), num_classes,
-                                    window=max(batch_size, cfg.shuffle_window))
+                                    self.block, batch_size, decoder, window=max(batch_size, cfg.shuffle_window))
         self.cfg = cfg
         self.image_shape = (cfg.image_size, cfg.image_size, 3)
+        self.empty_target = decoder.empty_target()
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         count = 0
         for batch in build_dataloader(self.dataset, self.cfg, 0):
             count += 1
             yield batch
         for _ in range(self.num_batches - count):
-            yield {"image": torch.zeros((0, *self.image_shape), dtype=torch.uint8),
-                   "label": torch.zeros(0, dtype=torch.long)}
+            yield Batch.empty(self.image_shape, self.empty_target)

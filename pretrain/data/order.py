@@ -19,7 +19,7 @@ Consequences
   and no sample is dropped: the remainder of an epoch that does not fill a global batch simply
   continues into the next step. Streams are infinite, so every rank runs the same number of steps.
 - Same topology: restoring the cursors reproduces the uninterrupted order exactly.
-- Different topology: :meth:`Plan.after` turns the consumed set into a new plan whose ``pending``
+- Different topology: :meth:`RemainingPositions.after` turns the consumed set into a new plan whose ``pending``
   ranges are exactly the unread positions, so the rest of the epoch is covered once, in a new order.
 - Augmentation randomness is seeded by S position (see loader), so it does not depend on topology.
 """
@@ -91,8 +91,8 @@ class SampleOrder:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """V = pending ranges of S, then every position from `base` on."""
+class RemainingPositions:
+    """What an epoch has left to emit: V = pending ranges of S, then every position from `base` on."""
 
     base: int = 0
     pending: tuple[tuple[int, int], ...] = ()
@@ -140,7 +140,7 @@ class Plan:
         """V window index of the k-th window of `stream`."""
         return k * topo.num_streams + stream
 
-    def after(self, topo: Topology, cursors: list[int], seed: int) -> "Plan":
+    def after(self, topo: Topology, cursors: list[int], seed: int) -> "RemainingPositions":
         """The plan of what is left once each stream has emitted `cursors[stream]` samples.
 
         Windows before the slowest stream's first unfinished one are wholly consumed; only the few
@@ -168,13 +168,13 @@ class Plan:
         remaining = np.setdiff1d(touched, done, assume_unique=True)
         remaining = np.concatenate([remaining, self.positions(end, max(end, self.pending_total))])
         new_base = self.base + max(0, end - self.pending_total)
-        return Plan(base=new_base, pending=_to_ranges(np.sort(remaining)))
+        return RemainingPositions(base=new_base, pending=_to_ranges(np.sort(remaining)))
 
     def to_dict(self) -> dict:
         return {"base": self.base, "pending": [list(r) for r in self.pending]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict) -> "RemainingPositions":
         return cls(base=int(data["base"]), pending=tuple((int(a), int(b)) for a, b in data["pending"]))
 
 
@@ -194,7 +194,7 @@ class LoaderState:
     seed: int
     num_samples: int
     topology: Topology
-    plan: Plan = field(default_factory=Plan)
+    plan: RemainingPositions = field(default_factory=RemainingPositions)
     cursors: list[int] = field(default_factory=list)
     next_stream: list[int] = field(default_factory=list)
     """Per rank: the local stream whose batch comes next (DataLoader workers take turns)."""
@@ -216,7 +216,7 @@ class LoaderState:
     @classmethod
     def from_dict(cls, data: dict) -> "LoaderState":
         return cls(seed=int(data["seed"]), num_samples=int(data["num_samples"]),
-                   topology=Topology(**data["topology"]), plan=Plan.from_dict(data["plan"]),
+                   topology=Topology(**data["topology"]), plan=RemainingPositions.from_dict(data["plan"]),
                    cursors=[int(c) for c in data["cursors"]],
                    next_stream=[int(n) for n in data.get("next_stream", [])])
 

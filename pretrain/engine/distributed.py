@@ -54,12 +54,13 @@ def init_distributed(timeout_s: float, device: torch.device | None = None) -> Di
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (single-process groups, local test servers)."""
     import socket
 
     with socket.socket() as s:
