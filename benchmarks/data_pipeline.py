@@ -26,8 +26,9 @@ land on one side of a pair, which wall-clock rates suffer from. The moto server'
 a cluster S3 runs elsewhere; here it still competes for the two cores, as the wall-clock rates show).
 
 Both iterators are started once and kept (worker start-up is not a per-sample cost); each repetition
-first takes the batches the side's idle worker had prefetched, then measures the next K (A's include
-two shuffle-window reads), alternating A, B after 3 warm-up pairs. The consumer runs one torch thread.
+first takes the batches the side's idle worker had prefetched, then measures the next 16 batches (8
+with ``--quick``; 16 include two shuffle-window reads on A's side), alternating A, B after 3 warm-up
+pairs. The consumer runs one torch thread.
 Ratio = B's CPU seconds ÷ A's per pair, i.e. rate(A) ÷ rate(B). The context also gives the CPU time
 per image of the work both sides share (decode + augmentation to uint8, in-process) and so the
 ratio no loader could pass against this baseline (B's cost ÷ that).

@@ -7,7 +7,9 @@ One step = forward + cross-entropy + backward + AdamW step + zero_grad. Both sid
 * the same optimizer: ``torch.optim.AdamW`` with our parameter groups (no decay on 1-D params) and
   ``foreach=True`` on CPU (what ``pretrain.optim.build_optimizer`` builds there), ``fused=True`` on CUDA,
 * bf16 as ``torch.autocast(device, torch.bfloat16)`` over fp32 weights (timm's ``--amp-dtype
-  bfloat16`` path); the optimizer and the master weights stay fp32.
+  bfloat16`` path); the optimizer and the master weights stay fp32. On a CPU without native bf16
+  (AVX2-only) our side gets the trainer's emulation (``pretrain.engine.cpu_bf16``); elsewhere both
+  sides run the same stock kernels.
 
 Sides alternate ours, timm, ours, timm ... in one process; each figure is the median of the per-pair
 ratios after warm-up, of CPU seconds on CPU (``CpuClock``: a load burst on a shared host does not land
@@ -147,7 +149,11 @@ def _timer(device: str):
 
 def measure_case(case: Case, reps: int, warmup: int, log=print) -> tuple[PairStats, PairStats]:
     """(the figure's pairs, wall-clock pairs); on CUDA both are the synchronized wall time."""
+    from pretrain.engine import cpu_bf16
+
     ours, theirs = build_pair(case.model, case.device)
+    if cpu_bf16.needed(case.dtype, torch.device(case.device)):
+        cpu_bf16.apply(ours)  # as the trainer does on a CPU without native bf16
     x, y = inputs(case)
     a = make_step(ours, x, y, case.dtype, case.compile)
     b = make_step(theirs, x, y, case.dtype, case.compile)
