@@ -114,14 +114,14 @@ def run(ctx: Context, rows: dict[str, Row]) -> None:
         state_bytes = sum(f.numel for f in trainer.fragments) * 4 * (3 + (trainer.ema is not None))
 
         def async_save() -> float:
-            trainer.step += 1  # every save is a new step directory, as in training
+            trainer.state.step += 1  # every save is a new step directory, as in training
             stall = trainer.save()
             ckpt.wait()  # untimed: the next save finds the upload done (see the module docstring)
             async_upload_s.append(ckpt.last_upload_s)
             return stall
 
         def blocking_save() -> float:
-            trainer.step += 1
+            trainer.state.step += 1
             return trainer.save(blocking=True)
 
         timer: Callable[[Callable[[], float]], float] = lambda fn: fn()  # each side times itself
@@ -132,7 +132,7 @@ def run(ctx: Context, rows: dict[str, Row]) -> None:
         if trainer is not None:
             trainer.checkpoints.close()
             trainer.metrics.close()
-    if committed != [trainer.step - 1, trainer.step]:
+    if committed != [trainer.state.step - 1, trainer.state.step]:
         raise RuntimeError(f"expected the last 2 steps committed at {url}, found {committed}")
     row = rows["ckpt/async-stall-vs-blocking"]
     row.set_pairs(stats)

@@ -123,7 +123,7 @@ def worker_step(trainer, batch, console: io.StringIO):
     def step() -> None:
         with contextlib.redirect_stdout(console):
             trainer._control(trainer.train_step(batches, times))
-            if trainer.step % every == 0:
+            if trainer.state.step % every == 0:
                 trainer._log(times, 1.0, every)
                 times.reset()
 

@@ -4,7 +4,9 @@ Kept apart from the training CLI because it runs on different machines at differ
 cluster converting ImageNet-22k once), and thin: argument parsing here, work in the modules.
 
     data-tools synth OUT_DIR --classes N --per-class M --size S [--seed 0] [--holdout K]
+    data-tools synth OUT_DIR --task segmentation --classes N --images M [--size S] [--holdout K]
     data-tools make-shards SRC DEST_URL [--shard-samples N] [--shard-bytes B] [--max-side PX] [--ray [ADDR]]
+    data-tools make-shards ADE_ROOT|LIST DEST_URL --task segmentation [--split validation] [--classes FILE]
     data-tools verify URL [--decode-sample N]
     data-tools inspect URL --out grid.png [--augmented] [--n 32] [--image-size 224]
 
@@ -19,7 +21,7 @@ import os
 import re
 import sys
 
-from data_tools.sources import LABEL_MODES, SOURCE_TYPES, InputError
+from data_tools.sources import LABEL_MODES, SOURCE_TYPES, TASKS, InputError
 from pretrain import storage
 from pretrain.config import ConfigError, StorageConfig
 
@@ -57,26 +59,47 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="write a learnable synthetic ImageFolder of JPEGs",
+    p = sub.add_parser("synth", help="write a learnable synthetic ImageFolder (or segmentation set)",
                        description="Write OUT_DIR/class_000/00000.jpg ...: classes are shape/colour/texture "
-                                   "combinations with random pose, backgrounds, distractors and noise.")
+                                   "combinations with random pose, backgrounds, distractors and noise. "
+                                   "--task segmentation writes ADE20K-style scenes of 1-4 such shapes with "
+                                   "exact masks: OUT_DIR/images/training/00000.jpg, "
+                                   "OUT_DIR/annotations/training/00000.png (0 = other, k = class k-1), "
+                                   "OUT_DIR/classes.txt.")
     p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--task", choices=TASKS, default="classification")
     p.add_argument("--classes", type=int, required=True, help="number of classes (1..280)")
-    p.add_argument("--per-class", type=int, required=True, help="training images per class")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--per-class", type=int, default=0, help="training images per class (classification)")
+    p.add_argument("--images", type=int, default=0, help="training scenes (segmentation)")
+    p.add_argument("--size", type=int, default=0, help="image side in pixels (default 64; segmentation 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", type=int, default=0, metavar="K",
-                   help="also write K images per class to a separate held-out ImageFolder")
+                   help="also write K images per class to a separate held-out ImageFolder (segmentation: "
+                        "K scenes to images/validation + annotations/validation)")
     p.add_argument("--holdout-dir", default="", help="where the held-out images go (default OUT_DIR_holdout)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
 
     p = sub.add_parser("make-shards", help="convert images into shuffled WebDataset shards (+ .idx)",
                        description="Build, or resume building, a shard set at DEST_URL from SRC: an "
                                    "ImageFolder, a folder of per-class .tar files, or a list file "
-                                   "(path<TAB>label per line).")
+                                   "(path<TAB>label per line). With --task segmentation: an ADE20K-style "
+                                   "root (images/<split>/, annotations/<split>/) or a list file "
+                                   "(image_path mask_path per line).")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dest", metavar="DEST_URL", help="local directory, file:// or s3://bucket/prefix")
-    p.add_argument("--source-type", choices=SOURCE_TYPES, default="auto")
+    p.add_argument("--task", choices=TASKS, default="classification",
+                   help="segmentation: samples are jpg + png label mask + json")
+    p.add_argument("--source-type", choices=SOURCE_TYPES, default="auto",
+                   help="classification: folder, tars or list; segmentation: ade or list")
+    p.add_argument("--split", default="training", help="segmentation, ADE layout: the split to shard "
+                                                       "(training or validation; default training)")
+    p.add_argument("--classes", default="", metavar="FILE",
+                   help="segmentation: class names, one per line in label-id order (after "
+                        "--reduce-zero-label); default SRC/classes.txt if present, else class_<value> up to "
+                        "the largest mask value")
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="segmentation: mask value 0 is 'other' (ignored) and k is class k-1 (default: on for "
+                        "the ADE layout, off for a list file)")
     p.add_argument("--labels", choices=LABEL_MODES, default="auto",
                    help="auto: ImageNet-22k synset order when all classes are synsets, integer labels of "
                         "a list file as given, else sorted class names")
@@ -117,11 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from data_tools.synth import make_dataset
+    from data_tools.synth import make_dataset, make_segmentation_dataset
 
-    summary = make_dataset(_check_url(args.out_dir, "OUT_DIR"), args.classes, args.per_class, args.size,
-                           seed=args.seed, holdout=args.holdout, holdout_dir=args.holdout_dir,
-                           workers=args.workers or len(os.sched_getaffinity(0)))
+    out, workers = _check_url(args.out_dir, "OUT_DIR"), args.workers or len(os.sched_getaffinity(0))
+    if args.task == "segmentation":
+        if args.per_class or args.holdout_dir:
+            raise InputError("--per-class and --holdout-dir are classification options; segmentation takes "
+                             "--images (and --holdout for validation scenes)")
+        summary = make_segmentation_dataset(out, args.classes, args.images, args.size or 128, seed=args.seed,
+                                            holdout=args.holdout, workers=workers)
+    else:
+        if args.images:
+            raise InputError("--images is a segmentation option (--task segmentation); classification takes "
+                             "--per-class")
+        summary = make_dataset(out, args.classes, args.per_class, args.size or 64, seed=args.seed,
+                               holdout=args.holdout, holdout_dir=args.holdout_dir, workers=workers)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
 
@@ -132,12 +165,16 @@ def _make_shards(args: argparse.Namespace) -> int:
 
     cfg = _storage(args)
     dest = _check_url(args.dest, "DEST_URL")
+    if args.task != "segmentation" and (args.classes or args.reduce_zero_label is not None
+                                        or args.split != "training"):
+        raise InputError("--classes, --split and --reduce-zero-label need --task segmentation")
     manifest = make_shards(
         _check_url(args.src, "SRC"), dest, source_type=args.source_type, labels=args.labels,
         params=BuildParams(seed=args.seed, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
                            max_side=args.max_side),
         workers=args.workers, ray_address=args.ray, storage_cfg=cfg, progress=not args.no_progress,
-        log=lambda line: print(line, file=sys.stderr))
+        log=lambda line: print(line, file=sys.stderr), task=args.task, split=args.split,
+        classes_file=args.classes, reduce_zero_label=args.reduce_zero_label)
     gb = sum(s.bytes for s in manifest.shards) / 1e9
     skipped = sum(manifest.skipped.values())
     print(f"wrote {len(manifest.shards)} shards, {manifest.num_samples:,} samples, {gb:.3f} GB, "

@@ -24,6 +24,14 @@ JPEG inputs (re-encoded at quality 95 only for other formats or when ``max_side`
 ``cls`` = ASCII label id, ``json`` = ``{"class": name, "source": name relative to the source root}``.
 Every input is fully decoded once to reject truncated or corrupt files.
 
+Segmentation (``task="segmentation"``, from :func:`data_tools.sources.list_segmentation`): per sample
+``jpg`` as above, ``png`` = the 8-bit label mask (the original bytes for an 8-bit greyscale PNG of the
+image's size, else re-encoded; resized nearest-neighbour with the image under ``max_side``) and
+``json`` = ``{"source", "mask", "h", "w"}``, no ``cls``. A mask that does not decode or is not 8-bit
+(``bad_mask``), is not the image's size (``mask_size_mismatch``) or holds values beyond the class list
+other than 255 (``bad_label``) skips the sample. Without a class list, every shard's ``.done`` records
+its largest mask value and the manifest names ``class_<value>`` up to the largest of all.
+
 Parallelism: a local process pool by default, or Ray tasks (``--ray``), each task building one shard
 from the source URL and writing it straight to the destination; reads inside a task are overlapped
 with a small thread pool because object-store latency, not CPU, dominates per-image reads.
@@ -47,11 +55,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools.sources import InputError, Item, Listing, UnreadableMember, list_source, read_item
+from data_tools.sources import (InputError, Item, Listing, UnreadableMember, list_segmentation, list_source,
+                                read_item)
 from pretrain import storage
 from pretrain.config import StorageConfig
 from pretrain.data import shards
 from pretrain.data.decode import UndecodableImage, open_image, to_rgb
+from pretrain.data.reader import SKIP_BAD_LABEL
 
 DEFAULT_SHARD_SAMPLES = 10_000
 DEFAULT_SHARD_BYTES = 1_000_000_000
@@ -63,6 +73,8 @@ READ_AHEAD = 16
 
 SKIP_UNREADABLE = "unreadable"
 SKIP_UNREADABLE_MEMBER = "unreadable_tar_member"
+SKIP_MASK_SIZE = "mask_size_mismatch"
+SEGMENTATION = "segmentation"
 
 
 class ShardBuildError(RuntimeError):
@@ -100,6 +112,8 @@ class ShardTask:
     plan_sha256: str
     """Hash of the whole plan; every .done of one shard set carries the same value."""
     storage_cfg: StorageConfig | None = None
+    mask_limit: int = 255
+    """Segmentation: mask values from here up, except 255, are bad labels."""
 
 
 @dataclass
@@ -123,7 +137,7 @@ def plan_shards(listing: Listing, params: BuildParams, dest: str,
     nbytes = 0
     for position in range(len(order)):
         item = listing.items[order[position]]
-        cost = item.size + TAR_OVERHEAD
+        cost = item.size + (item.mask.size if item.mask else 0) + TAR_OVERHEAD
         if groups[-1] and (len(groups[-1]) >= params.shard_samples or nbytes + cost > params.shard_bytes):
             groups.append([])
             nbytes = 0
@@ -131,17 +145,22 @@ def plan_shards(listing: Listing, params: BuildParams, dest: str,
         nbytes += cost
     params_json = json.dumps({"format": shards.FORMAT, **asdict(params)}, sort_keys=True)
     whole = hashlib.sha256(params_json.encode())
-    whole.update(json.dumps([listing.label_source, listing.classes, listing.skipped]).encode())
+    labelling = [listing.label_source, listing.classes, listing.skipped]
+    if listing.task != "classification":  # classification plans keep the hashes they always had
+        labelling += [listing.task, listing.reduce_zero_label]
+    whole.update(json.dumps(labelling).encode())
+    mask_limit = len(listing.classes) + listing.reduce_zero_label if listing.classes else 255
     tasks = []
     for index, positions in enumerate(groups):
         items = [listing.items[order[p]] for p in positions]
         labels = [listing.label(it) for it in items]
         digest = hashlib.sha256(params_json.encode())
         for key, item, label in zip(positions, items, labels):
-            digest.update(f"{key}\t{item.name}\t{item.offset}\t{item.size}\t{label}\n".encode())
+            mask = f"\t{item.mask.name}\t{item.mask.size}" if item.mask else ""
+            digest.update(f"{key}\t{item.name}\t{item.offset}\t{item.size}\t{label}{mask}\n".encode())
         whole.update(digest.digest())
         tasks.append(ShardTask(shards.shard_name(index), dest, list(positions), items, labels, params,
-                               digest.hexdigest(), "", storage_cfg))
+                               digest.hexdigest(), "", storage_cfg, mask_limit))
     plan_sha = whole.hexdigest()
     for task in tasks:
         task.plan_sha256 = plan_sha
@@ -154,23 +173,75 @@ def plan_shards(listing: Listing, params: BuildParams, dest: str,
 
 def prepare_image(data: bytes, max_side: int = 0, quality: int = JPEG_QUALITY) -> bytes:
     """Bytes to store as ``jpg``: the input itself for JPEGs within `max_side`, else a re-encode."""
-    image = open_image(data)
+    return _fit(open_image(data), data, max_side, quality)[0]
+
+
+def _fit(image: Image.Image, data: bytes, max_side: int, quality: int) -> tuple[bytes, tuple[int, int]]:
+    """:func:`prepare_image` of an opened image, and the upright (w, h) its bytes decode to."""
     if image.format == "JPEG" and (not max_side or max(image.size) <= max_side):
-        return data
+        return data, _upright_size(image)
     rgb = to_rgb(image)
     if max_side and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.BICUBIC)
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    return buf.getvalue(), rgb.size
 
 
-def _read(item: Item, storage_cfg: StorageConfig | None) -> bytes | Exception:
-    """Item bytes, or the exception that marks it as a bad input. Storage errors on remote sources
-    (throttling, network) propagate: they fail the shard, which a re-run rebuilds, instead of
-    silently dropping images from the data set."""
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(w, h) after the EXIF orientation that decode_rgb applies (tags 5-8 turn the image by 90 degrees)."""
+    w, h = image.size
+    return (h, w) if image.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+
+
+def prepare_segmentation(image_data: bytes, mask_data: bytes, max_side: int = 0, quality: int = JPEG_QUALITY,
+                         mask_limit: int = 255) -> tuple[bytes, bytes, tuple[int, int], int]:
+    """(jpg bytes, png mask bytes, stored (w, h), largest mask value other than 255) of one pair; raises
+    :class:`UndecodableImage` with the skip reason. The mask must have the size of the upright image (as
+    the training decoder sees it) and values below `mask_limit` (or 255)."""
+    from pretrain.data.segmentation import IGNORE, REASON_BAD_MASK, open_mask  # torch: segmentation only
+
+    image = open_image(image_data)
     try:
-        return read_item(item, storage_cfg)
+        mask = open_mask(mask_data)
+    except UndecodableImage as exc:
+        raise UndecodableImage(REASON_BAD_MASK, str(exc)) from None
+    size = _upright_size(image)
+    if mask.size != size:
+        raise UndecodableImage(SKIP_MASK_SIZE, f"mask {mask.size}, image {size}")
+    values = np.asarray(mask)
+    top = int(np.where(values == IGNORE, 0, values).max(initial=0))
+    if top >= mask_limit:
+        raise UndecodableImage(SKIP_BAD_LABEL, f"mask value {top}, classes end at {mask_limit - 1}")
+    jpg, stored = _fit(image, image_data, max_side, quality)
+    if stored == size and mask.format == "PNG" and mask.mode == "L":
+        return jpg, mask_data, stored, top
+    buf = io.BytesIO()
+    Image.fromarray(values).resize(stored, Image.NEAREST).save(buf, format="PNG")
+    return jpg, buf.getvalue(), stored, top
+
+
+def _members(task: ShardTask, item: Item, label: int,
+             data: bytes | tuple[bytes, bytes]) -> tuple[list[tuple[str, bytes]], int]:
+    """The (extension, bytes) members of one sample, in sorted extension order, and its largest mask
+    value (-1 for classification); raises :class:`UndecodableImage` with the skip reason."""
+    params = task.params
+    if item.mask is None:
+        meta = json.dumps({"class": item.class_name, "source": item.name}).encode()
+        jpg = prepare_image(data, params.max_side, params.jpeg_quality)
+        return [("cls", str(label).encode()), ("jpg", jpg), ("json", meta)], -1
+    jpg, png, (w, h), top = prepare_segmentation(*data, params.max_side, params.jpeg_quality, task.mask_limit)
+    meta = json.dumps({"source": item.name, "mask": item.mask.name, "h": h, "w": w}).encode()
+    return [("jpg", jpg), ("json", meta), ("png", png)], top
+
+
+def _read(item: Item, storage_cfg: StorageConfig | None) -> bytes | tuple[bytes, bytes] | Exception:
+    """Item bytes (with its mask's, for segmentation), or the exception that marks it as a bad input.
+    Storage errors on remote sources (throttling, network) propagate: they fail the shard, which a
+    re-run rebuilds, instead of silently dropping images from the data set."""
+    try:
+        data = read_item(item, storage_cfg)
+        return data if item.mask is None else (data, read_item(item.mask, storage_cfg))
     except (FileNotFoundError, PermissionError, IsADirectoryError, UnreadableMember) as exc:
         return exc
     except OSError as exc:
@@ -206,6 +277,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     """Write one shard's tar, .idx and (last) .done record to the destination; returns the record."""
     skipped: list[tuple[str, str]] = []
     offsets: list[int] = []
+    top = -1
     with tempfile.TemporaryDirectory(prefix="make-shards-") as tmp:
         tar_path = os.path.join(tmp, task.name)
         with open(tar_path, "wb") as f, \
@@ -217,13 +289,13 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
                     skipped.append((reason, item.name))
                     continue
                 try:
-                    payload = prepare_image(data, task.params.max_side, task.params.jpeg_quality)
+                    members, sample_top = _members(task, item, label, data)
                 except UndecodableImage as exc:
                     skipped.append((exc.reason, item.name))
                     continue
                 offsets.append(tar.offset)
-                meta = json.dumps({"class": item.class_name, "source": item.name}).encode()
-                for ext, blob in (("cls", str(label).encode()), ("jpg", payload), ("json", meta)):
+                top = max(top, sample_top)
+                for ext, blob in members:
                     _add_member(tar, f"{key:09d}.{ext}", blob)
             offsets.append(tar.offset)
         index = shards.encode_index(offsets)
@@ -238,6 +310,8 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
             "plan_sha256": task.plan_sha256,
             "params": asdict(task.params),
         }
+        if task.items and task.items[0].mask is not None:
+            record["max_mask_value"] = top
         storage.upload_file(tar_path, storage.join(task.dest, task.name), task.storage_cfg)
     storage.write_bytes(storage.join(task.dest, shards.index_name(task.name)), index, task.storage_cfg)
     storage.write_bytes(storage.join(task.dest, shards.done_name(task.name)),
@@ -327,34 +401,50 @@ class Executor:
 def make_shards(src: str, dest: str, *, source_type: str = "auto", labels: str = "auto",
                 params: BuildParams = BuildParams(), workers: int = 0, ray_address: str | None = None,
                 storage_cfg: StorageConfig | None = None, progress: bool = True,
-                log: Callable[[str], None] = print) -> shards.Manifest:
-    """Build (or finish building) the shard set at `dest` from `src`; returns its manifest."""
+                log: Callable[[str], None] = print, task: str = "classification", split: str = "training",
+                classes_file: str = "", reduce_zero_label: bool | None = None) -> shards.Manifest:
+    """Build (or finish building) the shard set at `dest` from `src`; returns its manifest.
+
+    ``task="segmentation"`` pairs images with label masks (an ADE20K root's `split`, or a list file);
+    `classes_file` and `reduce_zero_label` (default: on for the ADE layout) as in
+    :func:`data_tools.sources.list_segmentation`; `labels` is then unused."""
     params.check()
     if not storage.is_remote(src):
         src = os.path.abspath(src.split("://", 1)[-1])
     workers = workers or len(os.sched_getaffinity(0))
     with Executor(workers, ray_address) as executor:
-        listing = list_source(src, source_type, labels, storage_cfg, map_fn=executor.map)
+        if task == SEGMENTATION:
+            listing = list_segmentation(src, source_type, split, classes_file, reduce_zero_label, storage_cfg)
+        elif task == "classification":
+            listing = list_source(src, source_type, labels, storage_cfg, map_fn=executor.map)
+        else:
+            raise InputError(f"--task must be classification or segmentation, got {task!r}")
         storage.ensure_bucket(dest, storage_cfg)
         storage.makedirs(dest, storage_cfg)
         plan = plan_shards(listing, params, dest, storage_cfg)
         plan.build = {"source": src, "source_type": listing.source_type, "labels": labels,
                       **asdict(params), "num_items": len(listing.items), "plan_sha256": plan.sha256}
+        if task == SEGMENTATION:
+            plan.build.update(task=task, split=split if listing.source_type == "ade" else "",
+                              reduce_zero_label=listing.reduce_zero_label)
         records = _completed(plan, dest, storage_cfg)
         todo = [t for t in plan.tasks if t.name not in records]
         done_items = sum(len(t.items) for t in plan.tasks if t.name in records)
-        log(f"{len(listing.items):,} images in {len(listing.classes):,} classes ({listing.label_source}) "
-            f"-> {len(plan.tasks)} shards at {dest}; {len(plan.tasks) - len(todo)} already complete")
+        classes = (f"{len(listing.classes):,} classes" if listing.classes or task != SEGMENTATION
+                   else "classes from the masks")
+        log(f"{len(listing.items):,} {'image/mask pairs' if task == SEGMENTATION else 'images'} in {classes} "
+            f"({listing.label_source}) -> {len(plan.tasks)} shards at {dest}; "
+            f"{len(plan.tasks) - len(todo)} already complete")
         failures: list[str] = []
         with tqdm(total=len(listing.items), initial=done_items, unit="img", unit_scale=True,
                   desc="make-shards", disable=not progress, smoothing=0.05) as bar:
             for i, result in executor.run(build_shard, todo):
-                task = todo[i]
+                shard = todo[i]
                 if isinstance(result, Exception):
-                    failures.append(f"{task.name}: {type(result).__name__}: {result}")
+                    failures.append(f"{shard.name}: {type(result).__name__}: {result}")
                 else:
-                    records[task.name] = result
-                bar.update(len(task.items))
+                    records[shard.name] = result
+                bar.update(len(shard.items))
     if failures:
         raise ShardBuildError(f"{len(failures)} of {len(plan.tasks)} shards failed (first: {failures[0]}); "
                               "re-run the same command to build them (complete shards are kept)")
@@ -410,9 +500,14 @@ def _finish(plan: ShardSetPlan, records: dict[str, dict[str, Any]], dest: str,
         by_reason.setdefault(reason, []).append(name)
     infos = [shards.ShardInfo(t.name, records[t.name]["num_samples"], records[t.name]["bytes"],
                               records[t.name]["sha256"], records[t.name]["index_sha256"]) for t in plan.tasks]
-    manifest = shards.Manifest(num_samples=sum(s.num_samples for s in infos), classes=plan.listing.classes,
+    classes = plan.listing.classes
+    if plan.listing.task == SEGMENTATION and not classes:  # named by mask value, up to the largest seen
+        top = max(records[t.name].get("max_mask_value", -1) for t in plan.tasks)
+        classes = [f"class_{v}" for v in range(int(plan.listing.reduce_zero_label), top + 1)]
+    manifest = shards.Manifest(num_samples=sum(s.num_samples for s in infos), classes=classes,
                                label_source=plan.listing.label_source, shards=infos, build=plan.build,
-                               skipped=counts)
+                               skipped=counts, task=plan.listing.task,
+                               reduce_zero_label=plan.listing.reduce_zero_label)
     report = {"source": plan.build["source"], "num_items": len(plan.listing.items),
               "num_samples": manifest.num_samples, "skipped": counts, "skipped_items": by_reason}
     storage.write_bytes(storage.join(dest, shards.REPORT), json.dumps(report, indent=1).encode(), storage_cfg)

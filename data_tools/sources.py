@@ -10,6 +10,17 @@ Three layouts are understood, local or behind any fsspec URL (all I/O goes throu
 * ``list``: a text file with one ``path_or_url<TAB>label`` per line (whitespace if there is no tab);
   relative paths are relative to the list file.
 
+Segmentation sources (:func:`list_segmentation`) pair each image with its label mask:
+
+* ``ade``: the ADE20K layout, ``images/<split>/**/x.jpg`` + ``annotations/<split>/**/x.png`` (paired by
+  path without extension; an image without mask, or a mask without image, is skipped and counted).
+* ``list``: one ``image_path mask_path`` per line (tab or whitespace; relative to the list file).
+
+Segmentation classes come from a class file (one name per line in label-id order, i.e. after
+``reduce_zero_label``: the first line names mask value 1 of an ADE-style mask), given with
+``--classes`` or found as ``classes.txt`` in an ``ade`` root (``data-tools synth --task segmentation``
+writes one); without one, make-shards names ``class_<value>`` every mask value up to the largest seen.
+
 Label ids: when every class name is a WordNet synset in timm's 21,841-synset ImageNet-22k list, ids
 are positions in that list and the class list is the whole list (``imagenet22k_synsets``), so heads
 stay compatible with released ``fb_in22k`` weights. Otherwise ids follow sorted class names
@@ -27,9 +38,13 @@ from typing import Callable, Iterable, Iterator
 
 from pretrain import storage
 from pretrain.config import StorageConfig
+from pretrain.data.reader import SKIP_MISSING_IMAGE, SKIP_MISSING_MASK  # the same words as at training time
 from pretrain.data.shards import load_synsets
 
-SOURCE_TYPES = ("auto", "folder", "tars", "list")
+TASKS = ("classification", "segmentation")
+SOURCE_TYPES = ("auto", "folder", "tars", "list", "ade")
+SEGMENTATION_SOURCE_TYPES = ("auto", "ade", "list")
+CLASSES_FILE = "classes.txt"
 LABEL_MODES = ("auto", "in22k", "sorted")
 IN22K = "imagenet22k_synsets"
 
@@ -58,6 +73,8 @@ class Item:
     class_name: str
     size: int
     offset: int = -1
+    mask: Item | None = None
+    """Segmentation: the label mask that goes with this image."""
 
 
 @dataclass
@@ -69,12 +86,16 @@ class Listing:
     label_source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(reason, name) of inputs rejected while listing."""
+    task: str = "classification"
+    reduce_zero_label: bool = False
+    """Segmentation: mask value 0 is "other" (ignored), value k is class k - 1."""
 
     def __post_init__(self) -> None:
         self.label_ids = {name: i for i, name in enumerate(self.classes)}
 
     def label(self, item: Item) -> int:
-        return self.label_ids[item.class_name]
+        """The class id of a classification item; -1 for a segmentation item (its labels are pixels)."""
+        return -1 if item.mask is not None else self.label_ids[item.class_name]
 
 
 MapFn = Callable[[Callable, Iterable], Iterator]
@@ -103,8 +124,9 @@ def list_source(src: str, source_type: str = "auto", labels: str = "auto",
 
     `map_fn` lists tar files in parallel (a process pool or Ray); it must preserve order.
     """
-    if source_type not in SOURCE_TYPES:
-        raise InputError(f"--source-type must be one of {SOURCE_TYPES}, got {source_type!r}")
+    if source_type not in SOURCE_TYPES or source_type == "ade":
+        raise InputError(f"--source-type must be one of {SOURCE_TYPES[:-1]} for classification, got "
+                         f"{source_type!r} (ade is a segmentation layout: add --task segmentation)")
     if labels not in LABEL_MODES:
         raise InputError(f"--labels must be one of {LABEL_MODES}, got {labels!r}")
     if not storage.is_remote(src):
@@ -231,9 +253,15 @@ def _list_tars(src: str, storage_cfg: StorageConfig | None, map_fn: MapFn):
     return items, class_names, skipped
 
 
-def _list_file(src: str, storage_cfg: StorageConfig | None):
+def _list_lines(src: str, storage_cfg: StorageConfig | None):
+    """(url, path, second column) per line of a list file, the lines that do not parse, and a
+    resolver of paths relative to the list file."""
     text = storage.read_bytes(src, storage_cfg).decode("utf-8")
     base = src.rsplit("/", 1)[0] if "://" in src else os.path.dirname(os.path.abspath(src))
+
+    def resolve(path: str) -> str:
+        return path if "://" in path or os.path.isabs(path) else storage.join(base, path)
+
     entries, skipped = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -243,12 +271,87 @@ def _list_file(src: str, storage_cfg: StorageConfig | None):
         if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
             skipped.append((SKIP_BAD_LIST_LINE, f"line {lineno}: {line[:200]}"))
             continue
-        path, label = parts[0].strip(), parts[1].strip()
-        url = path if "://" in path or os.path.isabs(path) else storage.join(base, path)
-        entries.append((url, path, label))
+        path, second = parts[0].strip(), parts[1].strip()
+        entries.append((resolve(path), path, second))
+    return entries, skipped, resolve
+
+
+def _list_file(src: str, storage_cfg: StorageConfig | None):
+    entries, skipped, _ = _list_lines(src, storage_cfg)
     sizes = _sizes([url for url, _, _ in entries], storage_cfg)
     items = [Item(url, path, label, sizes.get(url, 0)) for url, path, label in entries]
     return items, [label for _, _, label in entries], skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmentation: image + label-mask pairs
+
+
+def list_segmentation(src: str, source_type: str = "auto", split: str = "training", classes_file: str = "",
+                      reduce_zero_label: bool | None = None,
+                      storage_cfg: StorageConfig | None = None) -> Listing:
+    """All (image, mask) pairs of `src`, sorted by image name. `reduce_zero_label` None means: on for
+    the ADE20K layout (its 0 = "other" convention), off for a list file. Classes come from
+    `classes_file`, else ``classes.txt`` in an ade root, else (an empty list here) from the masks."""
+    if source_type not in SEGMENTATION_SOURCE_TYPES:
+        raise InputError(f"--source-type must be one of {SEGMENTATION_SOURCE_TYPES} with --task "
+                         f"segmentation, got {source_type!r}")
+    if not storage.is_remote(src):
+        src = os.path.abspath(src.split("://", 1)[-1])
+    if not storage.exists(src, storage_cfg):
+        raise InputError(f"source {src!r} does not exist; give an ADE20K-style root (images/<split>/, "
+                         "annotations/<split>/) or a list file (image_path mask_path per line)")
+    fs, path = storage.filesystem(src, storage_cfg)
+    kind = source_type if source_type != "auto" else "list" if fs.isfile(path) else "ade"
+    items, skipped = _list_ade(src, split, storage_cfg) if kind == "ade" else _list_pairs(src, storage_cfg)
+    if not items:
+        raise InputError(f"source {src!r} ({kind}) contains no image/mask pairs")
+    if not classes_file and kind == "ade" and storage.exists(storage.join(src, CLASSES_FILE), storage_cfg):
+        classes_file = storage.join(src, CLASSES_FILE)
+    classes = []
+    if classes_file:
+        try:
+            text = storage.read_bytes(classes_file, storage_cfg).decode("utf-8")
+        except FileNotFoundError:
+            raise InputError(f"--classes {classes_file!r} does not exist") from None
+        classes = [line.strip() for line in text.splitlines() if line.strip()]
+    reduce = kind == "ade" if reduce_zero_label is None else reduce_zero_label
+    items.sort(key=lambda it: it.name)
+    return Listing(kind, items, classes, "classes_file" if classes else "max_label", sorted(skipped),
+                   task="segmentation", reduce_zero_label=reduce)
+
+
+def _list_ade(src: str, split: str, storage_cfg: StorageConfig | None):
+    fs, root = _root(src, storage_cfg)
+    found: dict[str, dict[str, tuple[str, int]]] = {}
+    for kind in ("images", "annotations"):
+        base = f"{root}/{kind}/{split}"
+        if not fs.isdir(base):
+            raise InputError(f"source {src!r} has no {kind}/{split}/ folder; the ADE20K layout is images/"
+                             "<split>/*.jpg + annotations/<split>/*.png (--split training|validation)")
+        found[kind] = {posixpath.splitext(path[len(base) + 1:])[0]:
+                       (f"{kind}/{split}/{path[len(base) + 1:]}", int(info.get("size") or 0))
+                       for path, info in sorted(fs.find(base, detail=True).items())
+                       if not _hidden(path[len(base) + 1:])}
+    images, masks = found["images"], found["annotations"]
+    items, skipped = [], [(SKIP_MISSING_IMAGE, rel) for stem, (rel, _) in masks.items() if stem not in images]
+    for stem, (rel, size) in images.items():
+        if stem not in masks:
+            skipped.append((SKIP_MISSING_MASK, rel))
+            continue
+        mask_rel, mask_size = masks[stem]
+        mask = Item(_url_of(src, mask_rel), mask_rel, "", mask_size)
+        items.append(Item(_url_of(src, rel), rel, "", size, mask=mask))
+    return items, skipped
+
+
+def _list_pairs(src: str, storage_cfg: StorageConfig | None):
+    entries, skipped, resolve = _list_lines(src, storage_cfg)
+    pairs = [(url, path, resolve(mask), mask) for url, path, mask in entries]
+    sizes = _sizes([u for url, _, mask_url, _ in pairs for u in (url, mask_url)], storage_cfg)
+    items = [Item(url, path, "", sizes.get(url, 0), mask=Item(mask_url, mask, "", sizes.get(mask_url, 0)))
+             for url, path, mask_url, mask in pairs]
+    return items, skipped
 
 
 def _sizes(urls: list[str], storage_cfg: StorageConfig | None) -> dict[str, int]:

@@ -6,6 +6,10 @@ matches, and the ``.idx`` file matches both its recorded sha256 and the sample o
 tar (so ranged reads land on sample boundaries). A seeded random sample of images is decoded with the
 training decoder. Each tar is read once, as a stream, hashing and parsing in the same pass; shards
 are checked in parallel threads because remote reads are latency-bound.
+
+Segmentation sets (``manifest.task``) have no ``cls``; every sample needs a ``png`` mask instead, and a
+decoded sample's mask must decode as 8-bit L/P, have its image's size and hold only class values
+(after ``reduce_zero_label``) or 255.
 """
 
 from __future__ import annotations
@@ -75,16 +79,17 @@ class _HashingReader:
 
 
 def check_shard(url: str, info: shards.ShardInfo, num_classes: int, decode: set[int],
-                storage_cfg: StorageConfig | None = None) -> ShardCheck:
-    """All checks for one shard; `decode` holds the sample positions whose image is decoded."""
+                storage_cfg: StorageConfig | None = None, mask_limit: int = 0) -> ShardCheck:
+    """All checks for one shard; `decode` holds the sample positions whose image is decoded.
+    ``mask_limit > 0``: a segmentation set whose raw mask values must be below it (or 255)."""
     check = ShardCheck(info.name)
     tar_url = storage.join(url, info.name)
     if not storage.exists(tar_url, storage_cfg):
         check.problems.append(f"{info.name}: missing")
         return check
     offsets: list[int] = []
-    end = images = 0
-    last_key = None
+    end = images = masks = 0
+    last_key, image_size = None, None
     try:
         with storage.open_url(tar_url, "rb", storage_cfg) as f:
             reader = _HashingReader(f)
@@ -93,13 +98,18 @@ def check_shard(url: str, info: shards.ShardInfo, num_classes: int, decode: set[
                     key, _, ext = member.name.rpartition("/")[2].partition(".")
                     if key != last_key:
                         offsets.append(member.offset)
-                        last_key = key
+                        last_key, image_size = key, None
                     end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     position = len(offsets) - 1
                     images += ext == "jpg"
-                    if ext in ("cls", "json") or (ext == "jpg" and position in decode):
+                    masks += ext == "png"
+                    mask = mask_limit and ext == "png"
+                    if ext in ("cls", "json") or (position in decode and (ext == "jpg" or mask)):
                         data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                        problem = _check_field(ext, data, num_classes)
+                        if mask:
+                            problem = _check_mask(data, mask_limit, image_size)
+                        else:
+                            problem, image_size = _check_field(ext, data, num_classes)
                         if problem:
                             check.problems.append(f"{info.name}: sample {key}: {problem}")
                         check.decoded += ext == "jpg" and not problem
@@ -116,28 +126,44 @@ def check_shard(url: str, info: shards.ShardInfo, num_classes: int, decode: set[
         check.problems.append(f"{info.name}: {len(offsets)} samples, manifest says {info.num_samples}")
     if images != len(offsets):
         check.problems.append(f"{info.name}: {len(offsets) - images} sample(s) without a jpg")
+    if mask_limit and masks != len(offsets):
+        check.problems.append(f"{info.name}: {len(offsets) - masks} sample(s) without a png mask")
     check.problems += _check_index(url, info, offsets + [end], storage_cfg)
     return check
 
 
-def _check_field(ext: str, data: bytes, num_classes: int) -> str:
+def _check_field(ext: str, data: bytes, num_classes: int) -> tuple[str, tuple[int, int] | None]:
+    """(problem or "", the decoded image's (w, h) for a jpg)."""
     if ext == "cls":
         try:
             label = int(data.decode().strip())
         except ValueError:
-            return f"cls {data[:20]!r} is not an integer"
-        return "" if 0 <= label < num_classes else f"cls {label} outside 0..{num_classes - 1}"
+            return f"cls {data[:20]!r} is not an integer", None
+        return "" if 0 <= label < num_classes else f"cls {label} outside 0..{num_classes - 1}", None
     if ext == "json":
         try:
             json.loads(data)
         except ValueError:
-            return "json does not parse"
-        return ""
+            return "json does not parse", None
+        return "", None
     try:
-        decode_rgb(data)
+        return "", decode_rgb(data).size
     except UndecodableImage as exc:
-        return f"image does not decode ({exc})"
-    return ""
+        return f"image does not decode ({exc})", None
+
+
+def _check_mask(data: bytes, mask_limit: int, image_size: tuple[int, int] | None) -> str:
+    from pretrain.data.segmentation import IGNORE, open_mask  # imports torch: segmentation sets only
+
+    try:
+        mask = open_mask(data)
+    except UndecodableImage as exc:
+        return f"mask does not decode ({exc})"
+    if image_size is not None and mask.size != image_size:
+        return f"mask {mask.size} is not the image's size {image_size}"
+    values = np.asarray(mask)
+    top = int(np.where(values == IGNORE, 0, values).max(initial=0))
+    return "" if top < mask_limit else f"mask value {top} outside 0..{mask_limit - 1} (and 255)"
 
 
 def _check_index(url: str, info: shards.ShardInfo, expected: list[int],
@@ -168,9 +194,10 @@ def verify(url: str, decode_sample: int = 64, seed: int = 0, threads: int = 8,
     n = total if decode_sample < 0 else min(decode_sample, total)
     chosen = np.sort(np.random.default_rng(seed).choice(total, n, replace=False)) if n else np.array([], int)
     per_shard = [set((chosen[(chosen >= a) & (chosen < b)] - a).tolist()) for a, b in zip(starts, starts[1:])]
+    mask_limit = manifest.num_classes + manifest.reduce_zero_label if manifest.task == "segmentation" else 0
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        futures = [pool.submit(check_shard, url, info, manifest.num_classes, per_shard[i], storage_cfg)
-                   for i, info in enumerate(manifest.shards)]
+        futures = [pool.submit(check_shard, url, info, manifest.num_classes, per_shard[i], storage_cfg,
+                               mask_limit) for i, info in enumerate(manifest.shards)]
         checks = []
         for fut in futures:
             checks.append(fut.result())

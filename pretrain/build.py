@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.run_meta import DataIdentity
 from pretrain.config import Config, ModelConfig, StorageConfig, grad_accum_steps
 from pretrain.data.loader import TrainLoader
 from pretrain.data.shards import Manifest
@@ -23,9 +22,10 @@ from pretrain.engine import deepspeed as ds
 from pretrain.engine.compilation import compile_blocks
 from pretrain.engine.distributed import DistContext, on_rank0
 from pretrain.models.flops import flops_per_image
-from pretrain.init_from import Source, initialize
+from pretrain.init_from import Source
 from pretrain.optim import StepPlan, build_optimizer, step_plan
 from pretrain.preflight import check_run
+from pretrain.run_meta import DataIdentity
 from pretrain.tasks import Task, build_task
 
 
@@ -80,7 +80,7 @@ def build_model(task: Task, cfg: ModelConfig, seed: int, init: Source | None = N
     torch.manual_seed(seed)
     model = task.build_model()
     if init is not None:
-        initialize(model, cfg, list(classes), storage_cfg, init)
+        task.load_pretrained(model, init, cfg, list(classes), storage_cfg)
     return model
 
 

@@ -458,15 +458,52 @@ class LeaseConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TaskConfig:
-    name: Literal["classification"] = "classification"
+    name: Literal["classification", "segmentation"] = "classification"
     """What the run trains (pretrain/tasks/): each task supplies its head, loss, sample decoding,
     augmentation, metrics and export layout; the rest of the system is shared."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentationConfig:
+    """`task.name = "segmentation"`: ConvNeXt + UperNet (docs/tasks.md). `data.image_size` is the training
+    crop; the defaults are the official ADE20K 512 setup."""
+
+    scale: tuple[int, int] = (2048, 512)
+    """mmseg's img_scale (long, short side): what `ratio_range` rescales in training, the eval size."""
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    """A training crop may be at most this fraction one class (up to 10 tries), as mmseg's RandomCrop."""
+    photometric: bool = True
+    """mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)."""
+    ce_weight: float = 1.0
+    dice_weight: float = 0.0
+    iou_weight: float = 0.0
+    lovasz_weight: float = 0.0
+    class_weights: tuple[float, ...] = ()
+    """Per-class cross-entropy weights (empty: all 1)."""
+    aux_weight: float = 0.4
+    """Cross-entropy weight of the auxiliary FCN head on stage 3 (0 removes the head)."""
+    channels: int = 512
+    aux_channels: int = 256
+
+    def __post_init__(self) -> None:
+        weights = (self.ce_weight, self.dice_weight, self.iou_weight, self.lovasz_weight)
+        _check(all(w >= 0 for w in weights) and any(w > 0 for w in weights), "segmentation.*_weight",
+               f"loss weights must be >= 0 with one > 0 (ce, dice, iou, lovasz), got {list(weights)}")
+        _check(self.aux_weight >= 0, "segmentation.aux_weight", f"must be >= 0, got {self.aux_weight}")
+        _check(0 < self.ratio_range[0] <= self.ratio_range[1], "segmentation.ratio_range",
+               f"must be 0 < low <= high, got {list(self.ratio_range)}")
+        _check(all(s >= 32 for s in self.scale), "segmentation.scale", f"sides must be >= 32, got {list(self.scale)}")
+        _check(0 < self.cat_max_ratio <= 1, "segmentation.cat_max_ratio", f"must be in (0, 1], got {self.cat_max_ratio}")
+        _check(all(w >= 0 for w in self.class_weights), "segmentation.class_weights", "must be >= 0")
+        _check(self.channels >= 1 and self.aux_channels >= 1, "segmentation.channels", "widths must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -483,6 +520,15 @@ class Config:
 
     def __post_init__(self) -> None:
         grad_accum_steps(self.schedule, self.data, self.launch.num_workers)
+        if self.task.name == "segmentation":
+            d = self.data
+            unused = [k for k, v in (("data.mixup", d.mixup), ("data.cutmix", d.cutmix),
+                                     ("data.random_erasing", d.random_erasing), ("data.randaugment", d.randaugment)) if v]
+            _check(not unused, "task.name", f"segmentation does not use the classification augmentations {unused}; "
+                   "set them to 0 / \"\" (its own are under [segmentation])")
+        classes = len(self.segmentation.class_weights)
+        _check(not classes or classes == self.model.num_classes, "segmentation.class_weights",
+               f"has {classes} entries; model.num_classes is {self.model.num_classes}")
 
 
 def grad_accum_steps(schedule: ScheduleConfig, data: DataConfig, num_workers: int) -> int:

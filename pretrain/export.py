@@ -52,7 +52,9 @@ class CommittedCheckpoint:
 
         if ema and not any(k.startswith(f"{state_format.EMA}/") for k in tensors_of(0)):
             raise CheckpointError(f"{self.where.name} has no EMA (ema.enabled was false); export without --ema")
-        return {name: t.contiguous() for name, t in state_format.consolidate(saved, tensors_of, kind).items()}
+        state = state_format.consolidate(saved, tensors_of, kind)
+        state.update(state_format.buffers_in(tensors_of(0)))  # rank 0's (BatchNorm statistics, ...)
+        return {name: t.contiguous() for name, t in state.items()}
 
 
 @contextlib.contextmanager

@@ -208,6 +208,19 @@ def initialize(model: nn.Module, cfg: ModelConfig, classes: list[str], storage_c
                  "the source's" if plan == "keep" else f"fresh (x head_init_scale {cfg.head_init_scale:g})")
 
 
+@torch.no_grad()
+def initialize_backbone(backbone: nn.Module, cfg: ModelConfig, storage_cfg: StorageConfig | None = None,
+                        source: Source | None = None) -> None:
+    """Dense tasks: the source's ConvNeXt body (every key but ``head.*``) into `backbone`, a ConvNeXt whose
+    classifier was removed; the task's own heads stay freshly initialised."""
+    source = source or locate(cfg, storage_cfg)
+    state = {k: v for k, v in read(source, cfg, storage_cfg).items() if not k.startswith("head.")}
+    _check_body(source, {k: tuple(v.shape) for k, v in state.items()}, model_shapes(backbone), cfg)
+    load_weights(backbone, state)
+    log.info("model.init_from: the backbone of %s (%s weights); task heads fresh", source.url,
+             "EMA" if cfg.init_from_ema and source.run_url else "model")
+
+
 def resolve(cfg: ModelConfig, storage_cfg: StorageConfig | None, resuming: bool) -> Source | None:
     """The source every rank loads, resolved by rank 0 (a live run's newest checkpoint may change while the
     ranks look); None without ``model.init_from`` or when the run resumes from its own checkpoints."""

@@ -50,6 +50,10 @@ def check_data(cfg: Config) -> DataSets:
     _check_url("data.train_url", cfg.data.train_url)
     _check_url("data.eval_url", cfg.data.eval_url)
     train = _manifest("data.train_url", cfg.data.train_url, cfg)
+    if train.task != cfg.task.name:
+        raise ConfigError(f"task.name is {cfg.task.name!r} but the shards at {cfg.data.train_url} hold a {train.task} "
+                          f"set; set task.name = {train.task!r}, or build {cfg.task.name} shards with "
+                          f"`data-tools make-shards --task {cfg.task.name}`")
     if train.num_classes != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the shards at {cfg.data.train_url} have "
                           f"{train.num_classes} classes")

@@ -3,7 +3,9 @@
 A rank owns the slice ``[start, start + numel)`` of each flattened parameter whose fp32 master (and
 Adam moments, and EMA) it updates under ZeRO (see :mod:`pretrain.engine.deepspeed`). Its checkpoint
 file holds, per owned fragment, tensors named ``<kind>/<param name>#<start>`` for kinds ``master``,
-``ema`` and each optimizer state (``exp_avg``, ``exp_avg_sq``), plus ``rng/*``. The fragment table
+``ema`` and each optimizer state (``exp_avg``, ``exp_avg_sq``), plus ``rng/*`` and the model's persistent
+buffers whole (``buffer/<name>``: e.g. BatchNorm statistics, which are not parameters, are not sharded
+and, without SyncBN, differ per rank). The fragment table
 (:class:`FragmentEntry` per fragment) is stored with every rank and copied into the manifest, so:
 
 - an **exact** resume (same world size, same partition) copies each tensor back in place;
@@ -25,6 +27,7 @@ import torch
 
 MASTER = "master"
 EMA = "ema"
+BUFFER = "buffer"
 
 
 class StateFormatError(ValueError):
@@ -92,6 +95,39 @@ def snapshot(fragments: list[LocalFragment], emas: list[torch.Tensor] | None) ->
             if emas is not None:
                 tensors[key(EMA, f.name, f.start)] = emas[i].detach().to("cpu", copy=True)
     return tensors
+
+
+def buffer_names(module: torch.nn.Module) -> list[str]:
+    """`module`'s persistent buffers (those its state_dict saves)."""
+    params = {name for name, _ in module.named_parameters()}
+    return [name for name in module.state_dict() if name not in params]
+
+
+def buffer_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Host copies of `module`'s persistent buffers."""
+    state = module.state_dict()
+    with torch.no_grad():
+        return {f"{BUFFER}/{name}": state[name].detach().to("cpu", copy=True) for name in buffer_names(module)}
+
+
+def buffers_in(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The buffers of a rank file, by their module name."""
+    return {k[len(BUFFER) + 1:]: t for k, t in tensors.items() if k.startswith(f"{BUFFER}/")}
+
+
+def check_buffers(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise unless a rank file holds every persistent buffer of `module` (checked before anything is copied)."""
+    missing = sorted(set(buffer_names(module)) - set(buffers_in(tensors)))
+    if missing:
+        raise StateFormatError(f"the checkpoint lacks the model's buffers {missing[:8]}")
+
+
+def load_buffers(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a rank file's buffers (see :func:`check_buffers`) into `module`."""
+    saved, state = buffers_in(tensors), module.state_dict()
+    with torch.no_grad():
+        for name in buffer_names(module):
+            state[name].copy_(saved[name])
 
 
 def is_exact(saved: list[FragmentEntry], fragments: list[LocalFragment]) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -34,6 +33,7 @@ from pretrain.optim import lr_at
 from pretrain.run_errors import FatalRunError
 from pretrain.run_meta import RankRecord, RunMeta
 from pretrain.run_status import RunStatus
+from pretrain.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +62,13 @@ class Trainer:
                  data: DataSetup | None = None):
         self.cfg, self.ctx, self.stop_requested = cfg, ctx, stop_requested
         self.on_first_step = on_first_step
-        self.step = 0
-        self.data_counters: Counter = Counter()
-        """This rank's: samples_read and skipped/<reason>; saved per rank, summed over ranks when reported."""
-        self.step_counters: Counter = Counter()
-        """The same on every rank: nonfinite_skipped, fp16_overflow_steps, nonfinite_in_row."""
+        self.state = TrainState()
         self.data_totals: dict[str, float] = {}
         self.last_loss = float("nan")
         self.last_perf: dict[str, float | None] = {}
         """The last logging window's throughput, times and memory (also in the run summary)."""
         self.input_stall: InputStall | None = None
-        self.loss_first: float | None = None
-        self.loss_last: float | None = None
         self.last_eval: dict[str, Any] = {}
-        self.data_changes: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
         self.lease: Lease | None = None
         self._own_lease = not lease_holder  # released by the trainer only when no driver holds it
@@ -98,7 +91,7 @@ class Trainer:
         if newest is not None:
             resume.check_compatible(cfg, newest.record, self.data.identity)  # fails fast, before any build
             if newest.record.run.finished and newest.record.step >= self.data.steps.total_steps:
-                self.step = self.resumed_from = newest.record.step  # nothing to train: no engine at all
+                self.state.step = self.resumed_from = newest.record.step  # nothing to train: no engine at all
                 return
         elif self.scan.committed:
             raise resume.NoUsableCheckpoint(self._no_usable_message())
@@ -151,8 +144,8 @@ class Trainer:
             if not errors:
                 self._apply(candidate, loaded, data_change)
                 if ctx.is_main:
-                    log.info("resumed from %s (step %d)", self.checkpoints.url(candidate.where), self.step)
-                return self.step
+                    log.info("resumed from %s (step %d)", self.checkpoints.url(candidate.where), self.state.step)
+                return self.state.step
             if ctx.is_main:
                 self.scan.unusable.append(f"{candidate.where.name}: {errors[0]}")
                 log.error("checkpoint %s is unusable (%s); trying an older one",
@@ -175,15 +168,19 @@ class Trainer:
         if candidate.record.world_size == self.ctx.world_size and state_format.is_exact(saved[rank], self.fragments):
             tensors = self.checkpoints.fetch_tensors(where, manifest, rank)
             state_format.check_complete(tensors, saved[rank], kinds)
+            state_format.check_buffers(self.engine.module, tensors)
             private = self.checkpoints.fetch_private(where, manifest, rank)
             if "rng" not in private or "rng/torch" not in tensors:
                 raise CheckpointError(f"{where.name}: rank {rank}'s RNG state is missing")
             return _Loaded(True, {rank: tensors}, private, None)
         plan = state_format.resharding_plan(saved, self.fragments)
         tensors = {}
-        for r in state_format.ranks_needed(plan):
+        buffers = [0] if state_format.buffer_names(self.engine.module) else []  # rank 0's, on every rank
+        for r in sorted(set(state_format.ranks_needed(plan)) | set(buffers)):
             tensors[r] = self.checkpoints.fetch_tensors(where, manifest, r)
             state_format.check_complete(tensors[r], saved[r], kinds)
+        if buffers:
+            state_format.check_buffers(self.engine.module, tensors[0])
         return _Loaded(False, tensors, None, plan)
 
     @torch.no_grad()
@@ -193,53 +190,50 @@ class Trainer:
         step = record.step
         if loaded.exact:
             state_format.load_exact(self.fragments, emas, loaded.tensors[ctx.rank])
+            state_format.load_buffers(self.engine.module, loaded.tensors[ctx.rank])
             set_rng_state(loaded.private["rng"], loaded.tensors[ctx.rank])
             ds.load_loss_scaler_state(self.engine, loaded.private.get("loss_scaler", {}))
-            self.data_counters = Counter(record.ranks[ctx.rank].counters)
         else:
             state_format.load_resharded(self.fragments, emas, loaded.plan, loaded.tensors)
+            if 0 in loaded.tensors:
+                state_format.load_buffers(self.engine.module, loaded.tensors[0])
             torch.manual_seed(derive_seed(self.cfg.run.seed, "train", ctx.rank, step))
             ds.load_loss_scaler_state(self.engine, run.loss_scaler)
-            # Another world size: the totals must survive, not each rank's share of them.
-            totals = sum((Counter(r.counters) for r in record.ranks), Counter())
-            self.data_counters = totals if ctx.is_main else Counter()
         ds.set_optimizer_step_count(self.engine, run.optimizer_step)
         ds.refresh_lp_params(self.engine)
-        self.data_changes = list(run.data_changes)
+        self.state.load_state_dict(record, ctx.rank, same_ranks=loaded.exact)
         if data_change is None:
             self.data.loader.load_state_dict(run.loader, [r.loader for r in record.ranks])
         else:  # run.allow_data_change: a fresh seeded epoch order on the new shard set, from this step
-            self.data_changes.append(data_change)
+            self.state.data_changes.append(data_change)
             if ctx.is_main:
                 log.warning("continuing on another shard set from step %d: %s -> %s", step, data_change["from"],
                             data_change["to"])
-        self.step = step
         self.engine.global_steps = step
         self.engine.global_samples = step * self.cfg.schedule.global_batch_size
-        self.step_counters = Counter(run.counters)
-        self.loss_first = run.metrics.get("loss_first")
 
     # ----------------------------------------------------------------------------- saving
 
     def _snapshot(self, finished: bool) -> RankSnapshot:
         tensors = state_format.snapshot(self.fragments, self.ema.tensors if self.ema else None)
+        tensors.update(state_format.buffer_snapshot(self.engine.module))
         rng_meta, rng_tensors = rng_state()
         tensors.update(rng_tensors)
         private = {"rng": rng_meta, "loss_scaler": ds.loss_scaler_state(self.engine)}
-        own = RankRecord(state_format.table(self.fragments), dict(self.data_counters), self.data.loader.state_dict())
+        own = RankRecord(state_format.table(self.fragments), loader=self.data.loader.state_dict(),
+                         **self.state.rank_state_dict())
         run: dict[str, Any] = {}
         if self.ctx.is_main:
-            origin = self.data_changes[-1]["step"] if self.data_changes else 0
+            progress = self.state.state_dict()
+            progress["metrics"].update(self.last_eval)
             run = RunMeta(config=config_to_dict(self.cfg), optimizer_step=ds.optimizer_step_count(self.engine),
                           total_steps=self.data.steps.total_steps, finished=finished,
-                          epoch=(self.step - origin) * self.cfg.schedule.global_batch_size / self.data.manifest.num_samples,
-                          counters=dict(self.step_counters), classes=self.data.manifest.classes,
-                          data=self.data.identity, label_source=self.data.manifest.label_source,
-                          data_changes=self.data_changes, loader=self.data.loader.shared_state(),
-                          loss_scaler=ds.loss_scaler_state(self.engine),
-                          metrics={"loss_first": self.loss_first, "loss_last": self.loss_last, **self.last_eval}
-                          ).state_dict()
-        return RankSnapshot(self.step, self.ctx.rank, self.ctx.world_size, tensors, private, own.state_dict(), run)
+                          epoch=self.state.epoch(self.cfg.schedule.global_batch_size, self.data.manifest.num_samples),
+                          classes=self.data.manifest.classes, data=self.data.identity,
+                          label_source=self.data.manifest.label_source, loader=self.data.loader.shared_state(),
+                          loss_scaler=ds.loss_scaler_state(self.engine), **progress).state_dict()
+        return RankSnapshot(self.state.step, self.ctx.rank, self.ctx.world_size, tensors, private, own.state_dict(),
+                            run)
 
     def save(self, finished: bool = False, blocking: bool = False) -> float:
         """Checkpoint the current step; returns the seconds training was blocked.
@@ -286,7 +280,7 @@ class Trainer:
         step whose gradients are not finite is found and skipped (on every rank) by DeepSpeed's overflow
         check in ``engine.step()``, the only host synchronisation DeepSpeed makes per step.
         """
-        ds.set_lr(self.engine, lr_at(self.step, self.cfg.optim, self.data.steps))
+        ds.set_lr(self.engine, lr_at(self.state.step, self.cfg.optim, self.data.steps))
         loss_sum = torch.zeros((), device=self.ctx.device)
         with_samples = 0
         for micro in range(self.data.accum):
@@ -296,18 +290,18 @@ class Trainer:
             times.data_s += t1 - t0
             if self.input_stall is not None:
                 self.input_stall.input_ready()
-            self.data_counters["samples_read"] += len(batch) + sum(batch.skipped.values())
+            self.state.data_counters["samples_read"] += len(batch) + sum(batch.skipped.values())
             for reason, n in batch.skipped.items():
-                self.data_counters[f"skipped/{reason}"] += n
+                self.state.data_counters[f"skipped/{reason}"] += n
             x, target = self.data.task.inputs(batch, self.ctx.device, self.dtype,
-                                         derive_seed(self.cfg.run.seed, "mixup", self.step, self.ctx.rank, micro))
+                                         derive_seed(self.cfg.run.seed, "mixup", self.state.step, self.ctx.rank, micro))
             if not len(batch):
                 # Only a report of skipped samples: this rank takes part in the micro-step with zero
                 # weight, so that every rank runs the same collectives (the skip threshold is judged by
                 # this step's control all-reduce).
                 loss = self.data.task.zero_loss(self.engine(x))
             else:
-                if self.step == 0 and micro == 0 and self.ctx.is_main and self.resumed_from is None:
+                if self.state.step == 0 and micro == 0 and self.ctx.is_main and self.resumed_from is None:
                     preview = self.data.task.preview(batch)
                     if preview is not None:
                         self.metrics.image_grid(0, preview, (0, 0, 0), (1, 1, 1))
@@ -319,29 +313,29 @@ class Trainer:
             if self.input_stall is not None:
                 self.input_stall.work_queued()
             times.compute_s += time.perf_counter() - t1
-        self.step += 1
+        self.state.step += 1
         if ds.overflowed(self.engine):
             self._on_overflow()
         else:
-            self.step_counters["nonfinite_in_row"] = 0
+            self.state.step_counters["nonfinite_in_row"] = 0
         if self.ema is not None:
-            self.ema.update(self.step)
+            self.ema.update(self.state.step)
         return loss_sum, with_samples
 
     def _on_overflow(self) -> None:
         """DeepSpeed skipped this step: fp16 loss-scale overflow, or (bf16/fp32) non-finite gradients."""
         if self.cfg.precision.dtype == "fp16":
-            self.step_counters["fp16_overflow_steps"] += 1
+            self.state.step_counters["fp16_overflow_steps"] += 1
             return
-        self.step_counters["nonfinite_skipped"] += 1
-        self.step_counters["nonfinite_in_row"] += 1
-        in_row = self.step_counters["nonfinite_in_row"]
+        self.state.step_counters["nonfinite_skipped"] += 1
+        self.state.step_counters["nonfinite_in_row"] += 1
+        in_row = self.state.step_counters["nonfinite_in_row"]
         log.warning("step %d: non-finite gradients; the optimizer step was skipped on every rank (%d in a row)",
-                    self.step, in_row)
+                    self.state.step, in_row)
         if in_row >= self.cfg.optim.max_nonfinite_in_row:
             last = self.checkpoints.last_committed.name if self.checkpoints.last_committed else self.resumed_from
             raise NonFiniteLossError(
-                f"{in_row} consecutive steps had non-finite gradients at step {self.step} "
+                f"{in_row} consecutive steps had non-finite gradients at step {self.state.step} "
                 f"(optim.max_nonfinite_in_row={self.cfg.optim.max_nonfinite_in_row}); the last committed "
                 f"checkpoint ({last}) is intact. Lower optim.lr or enable optim.grad_clip.")
 
@@ -350,8 +344,8 @@ class Trainer:
 
         Updates ``data_totals`` (global) and ``last_loss`` (mean over ranks); returns the reduced flags.
         """
-        local = [float(self.data_counters["samples_read"])]
-        local += [float(self.data_counters[f"skipped/{r}"]) for r in SKIP_REASONS]
+        local = [float(self.state.data_counters["samples_read"])]
+        local += [float(self.state.data_counters[f"skipped/{r}"]) for r in SKIP_REASONS]
         if loss is not None:
             local.append(float(loss[1]))
         reduced = all_reduce_sum(flags + local, self.ctx.device, tail=loss[0] if loss is not None else None)
@@ -388,12 +382,12 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         total = self.data.steps.total_steps
-        if self.step >= total:
-            self.metrics.console(f"run {self.cfg.run.url} already finished at step {self.step}/{total}; nothing to "
+        if self.state.step >= total:
+            self.metrics.console(f"run {self.cfg.run.url} already finished at step {self.state.step}/{total}; nothing to "
                                  "do (use a new run.url, or to train further raise schedule.steps together "
                                  "with run.allow_config_change=true)")
             return self.summary(RunStatus.ALREADY_FINISHED)
-        self.metrics.start(self.step)
+        self.metrics.start(self.state.step)
         if self.ctx.is_main:
             self._print_plan()
             storage.write_bytes(storage.join(self.cfg.run.url, "config.toml"), dump_toml(self.cfg).encode(),
@@ -401,7 +395,7 @@ class Trainer:
         batches = self._batches()
         times = StepTimes()
         window_start, window_steps = time.perf_counter(), 0
-        while self.step < total:
+        while self.state.step < total:
             loss = self.train_step(batches, times)
             stop = self._control(loss)
             if window_steps == 0 and self.on_first_step is not None:
@@ -410,11 +404,11 @@ class Trainer:
             window_steps += 1
             if stop:
                 return self._preempt()
-            if self.step % self.cfg.checkpoint.every_steps == 0 and self.step < total:
+            if self.state.step % self.cfg.checkpoint.every_steps == 0 and self.state.step < total:
                 times.checkpoint_s += self.save()
-            if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0 and self.step < total:
+            if self.cfg.eval.every_steps and self.state.step % self.cfg.eval.every_steps == 0 and self.state.step < total:
                 self.run_eval()
-            if self.step % self.cfg.logging.every_steps == 0 or self.step in (1, total):
+            if self.state.step % self.cfg.logging.every_steps == 0 or self.state.step in (1, total):
                 self._log(times, time.perf_counter() - window_start, window_steps)
                 window_start, window_steps = time.perf_counter(), 0
                 times.reset()
@@ -429,7 +423,7 @@ class Trainer:
         self.save(blocking=True)
         elapsed = time.perf_counter() - started
         grace = self.cfg.launch.preemption_grace_s
-        msg = (f"preemption: committed checkpoint at step {self.step} in {elapsed:.1f}s "
+        msg = (f"preemption: committed checkpoint at step {self.state.step} in {elapsed:.1f}s "
                f"(grace {grace:.0f}s); run the same command again to resume")
         (log.warning if elapsed > grace else log.info)(msg)
         self.metrics.console(msg)
@@ -437,7 +431,7 @@ class Trainer:
 
     def _print_plan(self) -> None:
         cfg, plan = self.cfg, self.data.steps
-        where = f"resuming at step {self.step}" if self.resumed_from is not None else "starting"
+        where = f"resuming at step {self.state.step}" if self.resumed_from is not None else "starting"
         self.metrics.console(
             f"{where}: {cfg.model.name} on {self.data.manifest.num_samples} samples / {self.data.manifest.num_classes} classes; "
             f"{self.ctx.world_size} workers x micro-batch {cfg.data.micro_batch_size} x accumulation {self.data.accum} = "
@@ -452,14 +446,14 @@ class Trainer:
     def _log(self, times: StepTimes, elapsed: float, steps: int) -> None:
         ctx, cfg = self.ctx, self.cfg
         loss_mean = self.last_loss  # from this step's control all-reduce: no extra collective
-        self.loss_first = loss_mean if self.loss_first is None else self.loss_first
-        self.loss_last = loss_mean
+        self.state.loss_first = loss_mean if self.state.loss_first is None else self.state.loss_first
+        self.state.loss_last = loss_mean
         images_per_s = cfg.schedule.global_batch_size * steps / max(elapsed, 1e-9)
         train_flops = 3 * self.flops_per_image * images_per_s
         peak = self.peak_flops
         mfu = train_flops / (peak * ctx.world_size) if peak else None
-        remaining = (self.data.steps.total_steps - self.step) * elapsed / max(steps, 1)
-        lr = lr_at(self.step - 1, cfg.optim, self.data.steps)
+        remaining = (self.data.steps.total_steps - self.state.step) * elapsed / max(steps, 1)
+        lr = lr_at(self.state.step - 1, cfg.optim, self.data.steps)
         scalars = {
             "train/loss": loss_mean, "train/lr": lr, "train/weight_decay": cfg.optim.weight_decay,
             "train/grad_norm": ds.grad_norm(self.engine), "train/images_per_s": images_per_s,
@@ -468,20 +462,20 @@ class Trainer:
             "time/compute_s": times.compute_s / max(steps, 1), "time/checkpoint_stall_s": times.checkpoint_s / max(steps, 1),
             "time/input_stall_s": self.input_stall.take() / max(steps, 1) if self.input_stall else None,
             "perf/train_tflops": train_flops / 1e12, "perf/mfu": mfu, "memory/max_bytes": memory_bytes(ctx.device),
-            "train/epoch": self.step * cfg.schedule.global_batch_size / self.data.manifest.num_samples,
-            "train/nonfinite_skipped": self.step_counters["nonfinite_skipped"],
+            "train/epoch": self.state.step * cfg.schedule.global_batch_size / self.data.manifest.num_samples,
+            "train/nonfinite_skipped": self.state.step_counters["nonfinite_skipped"],
             "ema/decay": self.ema.last_decay if self.ema else None,
             "data/samples_read": self.data_totals.get("samples_read"),
         }
         if cfg.precision.dtype == "fp16":
             scalars["train/loss_scale"] = ds.loss_scaler_state(self.engine).get("cur_scale")
         scalars.update({f"data/{k}": v for k, v in self.data_totals.items() if k.startswith("skipped/")})
-        self.metrics.scalars(self.step, scalars)
+        self.metrics.scalars(self.state.step, scalars)
         self.last_perf = {k.split("/", 1)[1]: v for k, v in scalars.items()
                           if k.split("/", 1)[0] in ("perf", "time", "memory") or k.startswith("train/images_per_s")}
         data_pct = 100 * times.data_s / max(elapsed, 1e-9)
         self.metrics.console(
-            f"step {self.step}/{self.data.steps.total_steps} epoch {scalars['train/epoch']:.2f} loss {loss_mean:.4f} "
+            f"step {self.state.step}/{self.data.steps.total_steps} epoch {scalars['train/epoch']:.2f} loss {loss_mean:.4f} "
             f"lr {lr:.2e} {images_per_s:.0f} img/s (data wait {data_pct:.0f}%) ETA {format_duration(remaining)}")
 
     # ----------------------------------------------------------------------------- evaluation
@@ -519,22 +513,22 @@ class Trainer:
         finally:
             module.train(was_training)
         flat = {f"eval/{which}/{k}": v for which, r in results.items() for k, v in r.items()}
-        self.metrics.scalars(self.step, flat)
+        self.metrics.scalars(self.state.step, flat)
         self.last_eval = {f"{which}_{k}": v for which, r in results.items() for k, v in r.items()}
-        self.metrics.console(f"eval at step {self.step} on {self.data.task.describe(results)}")
+        self.metrics.console(f"eval at step {self.state.step} on {self.data.task.describe(results)}")
         return results
 
     # ----------------------------------------------------------------------------- end
 
     def summary(self, status: RunStatus) -> dict[str, Any]:
         skipped = {k.split("/", 1)[1]: int(v) for k, v in self.data_totals.items() if k.startswith("skipped/")}
-        return {"status": status.value, "step": self.step, "total_steps": self.data.steps.total_steps,
-                "resumed_from": self.resumed_from, "loss_first": self.loss_first, "loss_last": self.loss_last,
+        return {"status": status.value, "step": self.state.step, "total_steps": self.data.steps.total_steps,
+                "resumed_from": self.resumed_from, "loss_first": self.state.loss_first, "loss_last": self.state.loss_last,
                 "eval": self.last_eval, "checkpoints": self.checkpoints.root,
                 "tensorboard": storage.join(self.cfg.run.url, "tb"),
                 "samples_read": int(self.data_totals.get("samples_read", 0)), "skipped": skipped,
-                "skipped_total": sum(skipped.values()), "counters": dict(self.step_counters),
-                "unusable_checkpoints": list(self.scan.unusable), "data_changes": self.data_changes,
+                "skipped_total": sum(skipped.values()), "counters": dict(self.state.step_counters),
+                "unusable_checkpoints": list(self.scan.unusable), "data_changes": self.state.data_changes,
                 "perf": self.last_perf}
 
     def _release_lease(self) -> None:

@@ -62,7 +62,7 @@ def _wrap(owner, name: str, kind: str) -> None:
 class ProbedTrainer(Trainer):
     def train_step(self, batches, times):
         global active
-        active = self.step + 1 in COUNTED_STEPS
+        active = self.state.step + 1 in COUNTED_STEPS
         return super().train_step(batches, times)
 
     def _control(self, loss=None):

@@ -190,3 +190,19 @@ def test_a_rank_that_cannot_save_tells_rank_0_at_once(tmp_path):
     with pytest.raises(CheckpointError, match="rank 1 could not save its part"):
         rank0.wait()
     assert time.monotonic() - started < 30 and rank0.committed() == []
+
+
+def test_model_buffers_are_saved_whole_and_a_missing_one_is_refused_before_copying():
+    """BatchNorm statistics are buffers, not ZeRO fragments: they travel whole in each rank's file."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    model(torch.randn(2, 3, 5, 5))  # running statistics move away from their initial values
+    saved = state_format.buffer_snapshot(model)
+    assert sorted(saved) == ["buffer/1.num_batches_tracked", "buffer/1.running_mean", "buffer/1.running_var"]
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    state_format.check_buffers(fresh, saved)
+    state_format.load_buffers(fresh, saved)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(fresh[1], name), getattr(model[1], name))
+    with pytest.raises(state_format.StateFormatError, match="lacks the model's buffers.*running_var"):
+        state_format.check_buffers(fresh, {k: v for k, v in saved.items() if "running_var" not in k})
+    assert state_format.buffer_names(torch.nn.Linear(2, 2)) == []  # ConvNeXt classification: no buffers

@@ -90,7 +90,10 @@ def test_overrides_are_typed_by_annotation():
     ("ema.enabled=1", "ema.enabled: expected true or false"),
     ("storage.endpoint_url=localhost:9000", "storage.endpoint_url: must start with http://"),
     ("lr=1", "expected section.key=value"),
-    ("task.name=segmentation", "task.name: must be one of ['classification']"),
+    ("task.name=detection", "task.name: must be one of ['classification', 'segmentation']"),
+    ("task.name=segmentation", "task.name: segmentation does not use the classification augmentations"),
+    ("segmentation.dice_weight=-1", "segmentation.*_weight: loss weights must be >= 0"),
+    ("segmentation.class_weights=[1.0,2.0]", "segmentation.class_weights: has 2 entries; model.num_classes is 10"),
 ])
 def test_bad_values_fail_with_the_key_named(override, needle):
     with pytest.raises(ConfigError) as info:

@@ -5,7 +5,7 @@
 cursor; the wrapper records the cursor of every batch it hands to the trainer, so
 ``state_dict()`` describes exactly what training consumed (prefetched batches are not counted).
 
-What a sample becomes is the task's business (:class:`pretrain.tasks.SampleDecoder`: decode, augment,
+What a sample becomes is the task's business (:class:`pretrain.data.decoder.SampleDecoder`: decode, augment,
 collate); the loaders only read, seed and batch. Augmentation randomness is seeded from each sample's
 global stream position, so a sample gets the same crop/flip/RandAugment whichever rank or worker reads
 it, and resume reproduces it bit for bit.
@@ -20,7 +20,7 @@ import math
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -28,12 +28,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.config import DataConfig, StorageConfig
 from pretrain.data.batch import Batch
+from pretrain.data.decoder import SampleDecoder
 from pretrain.data.order import LoaderState, RemainingPositions, SampleOrder, Topology, derive_seed
 from pretrain.data.reader import RawSample, ShardReader, Skipped
 from pretrain.data.shards import Manifest
-
-if TYPE_CHECKING:
-    from pretrain.tasks.base import SampleDecoder
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,10 @@ SKIP_TRUNCATED = "truncated"
 SKIP_DECODE_ERROR = "decode_error"
 SKIP_BAD_LABEL = "bad_label"
 SKIP_MISSING_IMAGE = "missing_image"
-SKIP_REASONS = (SKIP_READ_ERROR, SKIP_TRUNCATED, SKIP_DECODE_ERROR, SKIP_BAD_LABEL, SKIP_MISSING_IMAGE)
+SKIP_MISSING_MASK = "missing_mask"
+"""A segmentation sample without its label mask (``png``)."""
+SKIP_REASONS = (SKIP_READ_ERROR, SKIP_TRUNCATED, SKIP_DECODE_ERROR, SKIP_BAD_LABEL, SKIP_MISSING_IMAGE,
+                SKIP_MISSING_MASK)
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 """Sample fields that hold an image, in the order they are looked for."""
 

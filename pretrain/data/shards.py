@@ -3,6 +3,7 @@
 Layout under a shard URL (local directory, file:// or s3:// prefix)::
 
     shard-000000.tar    WebDataset tar: per sample <key>.jpg, <key>.cls (ASCII int), <key>.json
+                        (segmentation: <key>.jpg, <key>.json, <key>.png 8-bit label mask, no .cls)
     shard-000000.idx    little-endian int64[n + 1]: byte offset of each sample's first tar header,
                         then the end of the last sample (where the tar's end-of-archive blocks begin)
     shard-000000.done   JSON completion record of that shard (lets an interrupted build resume)
@@ -27,6 +28,9 @@ from pretrain.config import StorageConfig
 
 FORMAT = "convnext-pretrain-shards/1"
 MANIFEST = "manifest.json"
+CLASSIFICATION = "classification"
+_TASK_FIELDS = ("task", "reduce_zero_label")
+"""Written only for non-classification sets, so classification manifests keep their exact bytes."""
 REPORT = "report.json"
 
 
@@ -70,6 +74,12 @@ class Manifest:
     build: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     format: str = FORMAT
+    task: str = CLASSIFICATION
+    """What a sample holds: 'classification' (jpg + cls) or 'segmentation' (jpg + png mask). Manifests
+    without the field (older builds) are classification sets."""
+    reduce_zero_label: bool = False
+    """Segmentation: mask value 0 means "other" and is ignored (0 -> 255, k -> k - 1, ADE20K's
+    convention); ``classes`` then names the reduced ids, so ``classes[0]`` is mask value 1."""
 
     @property
     def num_classes(self) -> int:
@@ -78,6 +88,9 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data["num_classes"] = self.num_classes
+        if self.task == CLASSIFICATION:
+            for key in _TASK_FIELDS:
+                data.pop(key)
         return json.dumps(data, indent=1)
 
     @classmethod

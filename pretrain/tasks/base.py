@@ -18,27 +18,9 @@ import abc
 from typing import Any, Callable, ClassVar
 
 import torch
-from torch.utils.data import default_collate
 
 from pretrain.data.batch import Batch
-from pretrain.data.reader import RawSample, Skipped
-
-class SampleDecoder(abc.ABC):
-    """The worker side of a task: decode + augment one raw sample, collate a micro-batch. Pickled
-    into every DataLoader worker."""
-
-    @abc.abstractmethod
-    def __call__(self, raw: RawSample) -> tuple[torch.Tensor, Any] | Skipped:
-        """Raw shard sample -> (uint8 (H, W, 3) image, target); Skipped (with its reason) if unusable."""
-
-    def collate(self, images: list[torch.Tensor], targets: list[Any]) -> tuple[torch.Tensor, Any]:
-        """Stack a micro-batch (in a worker: straight into shared memory)."""
-        return default_collate(images), torch.as_tensor(targets)
-
-    def empty_target(self) -> Any:
-        """The target of an empty batch (one that only reports skips, or pads evaluation)."""
-        return torch.zeros(0, dtype=torch.long)
-
+from pretrain.data.decoder import SampleDecoder
 
 class Task(abc.ABC):
     name: ClassVar[str]
@@ -46,6 +28,13 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
         """The backbone with this task's head(s): a plain ``nn.Module`` on the CPU, no I/O."""
+
+    def load_pretrained(self, model: torch.nn.Module, source, cfg, classes: list[str], storage_cfg) -> None:
+        """Load ``model.init_from`` (a resolved :class:`pretrain.init_from.Source`) into a fresh `model`:
+        by default the whole classification model with its head rule (``model.head_from``)."""
+        from pretrain.init_from import initialize
+
+        initialize(model, cfg, classes, storage_cfg, source)
 
     @abc.abstractmethod
     def decoder(self, train: bool) -> SampleDecoder:

@@ -22,7 +22,8 @@ from pretrain.data.transforms import (DeviceAugment, build_eval_transform, build
 from pretrain.evaluate import evaluate, in1k_subset
 from pretrain.models import create_model
 from pretrain.objectives import soft_target_cross_entropy
-from pretrain.tasks.base import SampleDecoder, Task
+from pretrain.data.decoder import SampleDecoder
+from pretrain.tasks.base import Task
 
 
 @dataclass
