@@ -15,12 +15,17 @@ the loader (exact resume), so they draw only from python's ``random``, numpy's a
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
+from pretrain.config import ModelConfig, StorageConfig
 from pretrain.data.batch import Batch
 from pretrain.data.decoder import SampleDecoder
+
+if TYPE_CHECKING:
+    from pretrain.init_from import Source
+
 
 class Task(abc.ABC):
     name: ClassVar[str]
@@ -29,7 +34,8 @@ class Task(abc.ABC):
     def build_model(self) -> torch.nn.Module:
         """The backbone with this task's head(s): a plain ``nn.Module`` on the CPU, no I/O."""
 
-    def load_pretrained(self, model: torch.nn.Module, source, cfg, classes: list[str], storage_cfg) -> None:
+    def load_pretrained(self, model: torch.nn.Module, source: Source, cfg: ModelConfig, classes: list[str],
+                        storage_cfg: StorageConfig | None) -> None:
         """Load ``model.init_from`` (a resolved :class:`pretrain.init_from.Source`) into a fresh `model`:
         by default the whole classification model with its head rule (``model.head_from``)."""
         from pretrain.init_from import initialize
