@@ -75,6 +75,14 @@ def test_segmentation_learns_above_the_majority_baseline_and_resumes_bitwise(seg
     # BatchNorm statistics differ per rank (no SyncBN on CPU) and travel in each rank's file.
     assert any(k.startswith(f"{state_format.BUFFER}/") and "running_mean" in k
                for k in rank_tensors(f"{runs}/straight", 60, 1))
+    from safetensors.torch import load_file
+
+    from pretrain.export import export
+
+    export(f"{runs}/straight", str(tmp_path / "seg.safetensors"))  # the whole task model, rank 0's statistics
+    exported = load_file(str(tmp_path / "seg.safetensors"))
+    assert_same({k: exported[k] for k in state_format.buffers_in(rank_tensors(f"{runs}/straight", 60, 0))},
+                state_format.buffers_in(rank_tensors(f"{runs}/straight", 60, 0)))
     copy_checkpoint(f"{runs}/straight", f"{runs}/resumed", 30)
     resumed = run_workers(2, [f"run.url={runs}/resumed", *common])
     assert resumed.returncode == 0 and "resuming at step 30" in resumed.output, resumed.output[-3000:]

@@ -71,7 +71,3 @@ class Task(abc.ABC):
     def preview(self, batch: Batch) -> torch.Tensor | None:
         """Images for TensorBoard's first-step grid, (N, 3, H, W) in [0, 1]; None for none."""
         return batch.image.permute(0, 3, 1, 2).float() / 255  # (N, H, W, C) uint8 -> (N, C, H, W)
-
-    def card(self) -> dict[str, Any]:
-        """What an exported model card says about the task (its head layout)."""
-        return {"task": self.name}

@@ -66,7 +66,6 @@ class ClassificationTask(Task):
         self.eval_augment = DeviceAugment(data, device, train=False)
         # A 22k head is also scored on ImageNet-1k (its 1k synsets' logits).
         self.subset_1k = in1k_subset(classes) if label_source == "imagenet22k_synsets" else None
-        self.classes = classes
 
     def build_model(self) -> torch.nn.Module:
         m = self.model_cfg
@@ -100,6 +99,3 @@ class ClassificationTask(Task):
         summary = ", ".join(f"{which} top-1 {r['top1']:.1%} top-5 {r['top5']:.1%}" for which, r in results.items())
         return (f"{int(results['model']['samples'])} held-out samples: {summary} "
                 f"(chance {1 / self.model_cfg.num_classes:.1%})")
-
-    def card(self) -> dict[str, Any]:
-        return {"task": self.name, "num_classes": self.model_cfg.num_classes, "classes": self.classes}

@@ -31,7 +31,7 @@ class SegmentationTask(Task):
     def __init__(self, model: ModelConfig, data: DataConfig, seg: SegmentationConfig, manifest: Manifest,
                  device: torch.device):
         self.model_cfg, self.data_cfg, self.seg = model, data, seg
-        self.manifest, self.device = manifest, device
+        self.manifest = manifest
         self.prepare = DeviceAugment(data, device, train=False)  # normalization only: no random erasing
         self.weights = {"ce": seg.ce_weight, "dice": seg.dice_weight, "iou": seg.iou_weight,
                         "lovasz": seg.lovasz_weight}
@@ -81,7 +81,3 @@ class SegmentationTask(Task):
     def describe(self, results: dict[str, dict[str, float]]) -> str:
         summary = ", ".join(f"{which} mIoU {r['mIoU']:.1%} aAcc {r['aAcc']:.1%}" for which, r in results.items())
         return f"{int(results['model']['pixels'])} held-out pixels: {summary}"
-
-    def card(self) -> dict[str, Any]:
-        return {"task": self.name, "num_classes": self.model_cfg.num_classes, "classes": self.manifest.classes,
-                "reduce_zero_label": self.manifest.reduce_zero_label, "ignore_index": IGNORE}
